@@ -1,0 +1,40 @@
+"""smolexport-runtime: run smolexport ONNX exports with onnxruntime and tokenizers, without torch.
+
+Usage::
+
+    from smolexport_runtime import load
+
+    model = load("exports/smollm2-135m-int4")
+    for piece in model.stream("What is the capital of France?"):
+        print(piece, end="", flush=True)
+"""
+
+from .chat import ChatTemplate
+from .errors import ChatTemplateError, ContextLengthError, ManifestError, SmolexportRuntimeError
+from .generate import GenerationStats, decode_one_token, prefill, stream_generate
+from .manifest import Manifest, load_manifest
+from .model import Model, load
+from .sampling import SamplingConfig, make_sampler
+from .session import OnnxDecoder, resolve_providers
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ChatTemplate",
+    "ChatTemplateError",
+    "ContextLengthError",
+    "GenerationStats",
+    "Manifest",
+    "ManifestError",
+    "Model",
+    "OnnxDecoder",
+    "SamplingConfig",
+    "SmolexportRuntimeError",
+    "decode_one_token",
+    "load",
+    "load_manifest",
+    "make_sampler",
+    "prefill",
+    "resolve_providers",
+    "stream_generate",
+]

@@ -1,0 +1,178 @@
+"""The generation loop as small functions over a decoder (gpt-fast style): prefill, decode_one_token, and a
+token loop, with text streaming and stop handling layered on top.
+
+A decoder is anything with `empty_cache(batch)` and `forward(input_ids, attention_mask, position_ids, past)`
+(see session.OnnxDecoder), so the loop is testable with a stub. Generation is batch 1 without padding, so
+the attention mask is all ones and positions are 0..n-1; `position_ids_from_mask` covers padded batches.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Collection, Generator, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from .detokenize import StreamingDetokenizer
+from .errors import ContextLengthError
+from .sampling import Sampler
+
+# The graph returns logits for every input position, so a long prompt in one call would need
+# seq * vocab * 4 bytes (8k tokens x 49k vocab = 1.6 GB); chunks bound that at ~100 MB.
+PREFILL_CHUNK = 512
+
+FinishReason = Literal["stop", "length"]
+
+
+class Decoder(Protocol):
+    def empty_cache(self, batch: int = 1) -> list[np.ndarray]: ...
+
+    def forward(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        position_ids: np.ndarray,
+        past: Sequence[np.ndarray],
+    ) -> tuple[np.ndarray, list[np.ndarray]]: ...
+
+
+@dataclass
+class GenerationStats:
+    """Filled in while a stream runs; finish_reason stays None if the caller stops reading early."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0  # tokens sampled, including a final eos token
+    finish_reason: FinishReason | None = None
+    ttft_s: float = 0.0  # prefill + first sample: time until the first token id exists
+    decode_tok_s: float = 0.0  # tokens per second after the first
+    total_s: float = 0.0
+
+
+def position_ids_from_mask(attention_mask: np.ndarray, seq_len: int) -> np.ndarray:
+    """Positions for the last `seq_len` columns of a left-padded mask: count of real tokens so far, minus 1
+    (0 at padding), matching what the exported graph was traced with."""
+    positions = np.cumsum(attention_mask, axis=-1) - 1
+    positions = np.where(attention_mask == 0, 0, positions)
+    return positions[:, -seq_len:].astype(np.int64)
+
+
+def prefill(
+    decoder: Decoder, ids: Sequence[int], chunk_size: int = PREFILL_CHUNK
+) -> tuple[np.ndarray, list[np.ndarray], int]:
+    """Runs the prompt through the model: returns the last position's logits, the cache, and its length."""
+    if len(ids) == 0:
+        raise ValueError("the prompt is empty: at least one token is needed to start generation")
+    cache = decoder.empty_cache(1)
+    length = 0
+    for start in range(0, len(ids), chunk_size):
+        chunk = np.asarray([ids[start : start + chunk_size]], dtype=np.int64)
+        end = length + chunk.shape[1]
+        mask = np.ones((1, end), dtype=np.int64)
+        positions = np.arange(length, end, dtype=np.int64)[None, :]
+        logits, cache = decoder.forward(chunk, mask, positions, cache)
+        length = end
+    return logits[0, -1], cache, length
+
+
+def decode_one_token(
+    decoder: Decoder, token: int, cache: list[np.ndarray], length: int
+) -> tuple[np.ndarray, list[np.ndarray], int]:
+    """Feeds one token after `length` cached ones: returns its logits, the grown cache and the new length."""
+    input_ids = np.array([[token]], dtype=np.int64)
+    mask = np.ones((1, length + 1), dtype=np.int64)
+    positions = np.array([[length]], dtype=np.int64)
+    logits, cache = decoder.forward(input_ids, mask, positions, cache)
+    return logits[0, -1], cache, length + 1
+
+
+def generate_tokens(
+    decoder: Decoder, prompt_ids: Sequence[int], sampler: Sampler, max_new_tokens: int
+) -> Generator[int, None, None]:
+    """Yields sampled token ids. The next forward pass runs only when the caller asks for another token,
+    so stopping on eos costs no wasted step."""
+    if max_new_tokens <= 0:
+        return
+    logits, cache, length = prefill(decoder, prompt_ids)
+    for i in range(max_new_tokens):
+        token = sampler(logits)
+        yield token
+        if i + 1 < max_new_tokens:
+            logits, cache, length = decode_one_token(decoder, token, cache, length)
+
+
+def fit_to_context(prompt_tokens: int, max_new_tokens: int, context_length: int | None) -> int:
+    """max_new_tokens clamped so prompt + completion fits the context; an overlong prompt is an error."""
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if context_length is None:
+        return max_new_tokens
+    if prompt_tokens >= context_length:
+        raise ContextLengthError(
+            f"the prompt is {prompt_tokens} tokens but the model's context length is "
+            f"{context_length} tokens, which leaves no room to generate; shorten the prompt"
+        )
+    return min(max_new_tokens, context_length - prompt_tokens)
+
+
+def stream_generate(
+    decoder: Decoder,
+    tokenizer: Tokenizer,
+    prompt_ids: Sequence[int],
+    sampler: Sampler,
+    *,
+    max_new_tokens: int,
+    eos_token_ids: Collection[int] = (),
+    stop: Iterable[str] = (),
+    context_length: int | None = None,
+    stats: GenerationStats | None = None,
+) -> Iterator[str]:
+    """Streams text pieces. Arguments are checked here, before the first `next()`, so a prompt that does not
+    fit raises at the call site rather than inside the consumer's loop."""
+    prompt_ids = list(prompt_ids)
+    if not prompt_ids:
+        raise ValueError("the prompt is empty: at least one token is needed to start generation")
+    max_new_tokens = fit_to_context(len(prompt_ids), max_new_tokens, context_length)
+    detokenizer = StreamingDetokenizer(tokenizer, stop)
+    stats = stats if stats is not None else GenerationStats()
+    stats.prompt_tokens = len(prompt_ids)
+    tokens = generate_tokens(decoder, prompt_ids, sampler, max_new_tokens)
+    return _stream(tokens, detokenizer, frozenset(eos_token_ids), stats)
+
+
+def _stream(
+    tokens: Generator[int, None, None],
+    detokenizer: StreamingDetokenizer,
+    eos: frozenset[int],
+    stats: GenerationStats,
+) -> Iterator[str]:
+    start = time.perf_counter()
+    first = start
+    try:
+        for count, token in enumerate(tokens, 1):
+            now = time.perf_counter()
+            if count == 1:
+                first = now
+                stats.ttft_s = now - start
+            elif now > first:
+                stats.decode_tok_s = (count - 1) / (now - first)
+            stats.completion_tokens = count
+            if token in eos:
+                stats.finish_reason = "stop"
+                break
+            piece = detokenizer.add(token)
+            if detokenizer.stopped:
+                stats.finish_reason = "stop"
+            if piece:
+                yield piece
+            if detokenizer.stopped:
+                break
+        else:
+            stats.finish_reason = "length"
+        if tail := detokenizer.finish():
+            yield tail
+    finally:
+        tokens.close()  # releases the KV cache now rather than whenever the generator is collected
+        stats.total_s = time.perf_counter() - start

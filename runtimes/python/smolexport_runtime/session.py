@@ -1,0 +1,159 @@
+"""The onnxruntime session behind a model: provider choice, session options, and a thin forward call.
+
+The cache is a flat list `[key 0, value 0, key 1, value 1, ...]` of numpy arrays shaped
+`[batch, kv_heads, seq, head_dim]`, the same order in which `forward` returns the presents, so a decode
+step simply feeds back what the previous step returned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from .errors import SmolexportRuntimeError
+from .manifest import Manifest
+
+# Short names accepted in `providers`; full onnxruntime names are accepted too.
+PROVIDER_ALIASES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "rocm": "ROCMExecutionProvider",
+    "dml": "DmlExecutionProvider",
+    "directml": "DmlExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+}
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+# onnxruntime's names for the cache element types the manifest allows.
+ORT_KV_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)"}
+
+
+def resolve_providers(requested: str | Sequence[str], available: Sequence[str]) -> list[str]:
+    """Maps the user's provider request to onnxruntime provider names, in priority order.
+
+    "auto" picks CUDA when this onnxruntime build has it, otherwise CPU. Anything explicitly requested
+    must be available: silently running a "cuda" request on CPU would hide a broken install.
+    """
+    if isinstance(requested, str):
+        if requested.lower() == "auto":
+            return [CUDA, CPU] if CUDA in available else [CPU]
+        requested = [requested]
+    if not requested:
+        raise SmolexportRuntimeError("providers is empty; pass 'auto' or e.g. ['cpu']")
+    resolved: list[str] = []
+    for name in requested:
+        full = PROVIDER_ALIASES.get(name.lower(), name)
+        if full not in available:
+            raise SmolexportRuntimeError(
+                f"execution provider {name!r} is not available in this onnxruntime build; "
+                f"available: {', '.join(available)}"
+            )
+        if full not in resolved:
+            resolved.append(full)
+    return resolved
+
+
+def session_options(threads: int | None) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads is not None:
+        if threads < 1:
+            raise SmolexportRuntimeError(
+                f"threads must be at least 1 (or None for the default), got {threads}"
+            )
+        options.intra_op_num_threads = threads
+    # Warnings such as "some nodes were not assigned to the preferred provider" are expected for
+    # quantized graphs and would otherwise print on every load of an embedded app.
+    options.log_severity_level = 3
+    return options
+
+
+class OnnxDecoder:
+    """One InferenceSession that does both prefill and decode for the smolexport graph contract."""
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        manifest: Manifest,
+        providers: str | Sequence[str] = "auto",
+        threads: int | None = None,
+    ) -> None:
+        self.model_path = Path(model_path)
+        spec = manifest.model
+        self.num_layers = spec.num_layers
+        self.num_kv_heads = spec.num_kv_heads
+        self.head_dim = spec.head_dim
+        self.vocab_size = spec.vocab_size
+        self.kv_dtype = np.dtype(manifest.kv_dtype)
+        self.past_names = manifest.io.past_names(spec.num_layers)
+        self.output_names = ["logits", *manifest.io.present_names(spec.num_layers)]
+
+        if not self.model_path.is_file():
+            raise SmolexportRuntimeError(f"{self.model_path} is missing; the export folder is incomplete")
+        wanted = resolve_providers(providers, ort.get_available_providers())
+        options = session_options(threads)
+        try:
+            self.session = ort.InferenceSession(str(self.model_path), sess_options=options, providers=wanted)
+        except Exception as exc:  # onnxruntime raises its own untyped exceptions (Fail, InvalidGraph, ...)
+            raise SmolexportRuntimeError(f"onnxruntime could not load {self.model_path}: {exc}") from exc
+        # onnxruntime falls back to CPU with only a log line when e.g. the CUDA libraries fail to load.
+        active = self.session.get_providers()
+        explicit = not (isinstance(providers, str) and providers.lower() == "auto")
+        if explicit and wanted[0] not in active:
+            raise SmolexportRuntimeError(
+                f"{wanted[0]} is installed but could not be initialised (check the CUDA/cuDNN libraries); "
+                f"the session got {', '.join(active)}"
+            )
+        self.providers = active
+        self._check_graph(manifest.kv_dtype)
+
+    def _check_graph(self, kv_dtype: str) -> None:
+        """Fails at load, not at the first token, when the graph does not match its manifest."""
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        expected = ["input_ids", "attention_mask", "position_ids", *self.past_names]
+        missing = [n for n in expected if n not in inputs]
+        unknown = [n for n in inputs if n not in expected]
+        outputs = {o.name for o in self.session.get_outputs()}
+        missing_out = [n for n in self.output_names if n not in outputs]
+        if missing or unknown or missing_out:
+            problems = []
+            if missing:
+                problems.append(f"missing inputs {missing}")
+            if unknown:
+                problems.append(f"unexpected inputs {unknown}")
+            if missing_out:
+                problems.append(f"missing outputs {missing_out}")
+            raise SmolexportRuntimeError(
+                f"{self.model_path} does not match its manifest: {'; '.join(problems)}. Re-export it."
+            )
+        graph_type = inputs[self.past_names[0]].type
+        if graph_type != ORT_KV_TYPES[kv_dtype]:
+            raise SmolexportRuntimeError(
+                f"{self.model_path}: cache inputs are {graph_type} but the manifest says {kv_dtype}. "
+                "Re-export it."
+            )
+
+    def empty_cache(self, batch: int = 1) -> list[np.ndarray]:
+        """A cache holding no tokens (past_seq = 0), as the first call of a sequence expects."""
+        shape = (batch, self.num_kv_heads, 0, self.head_dim)
+        return [np.zeros(shape, dtype=self.kv_dtype) for _ in self.past_names]
+
+    def forward(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        position_ids: np.ndarray,
+        past: Sequence[np.ndarray],
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Runs the graph once: returns logits [batch, seq, vocab] and the grown cache."""
+        feed = dict(zip(self.past_names, past, strict=True))
+        feed["input_ids"] = input_ids
+        feed["attention_mask"] = attention_mask
+        feed["position_ids"] = position_ids
+        logits, *present = self.session.run(self.output_names, feed)
+        return logits, present

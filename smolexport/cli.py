@@ -1,0 +1,139 @@
+"""The `smolexport` command line: a thin layer over the library functions."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import SmolexportError
+from .onnx.export import QUANT_MODES, OnnxExportOptions, export_onnx
+from .progress import Progress
+from .sources import DEFAULT_MODEL
+
+# transformers' GGUF loader draws an unconditional tqdm bar; we report progress ourselves. tqdm reads this
+# variable when it is first imported, so it is set before anything imports it.
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+def user_errors(command):
+    """Prints a user-caused error as one line on stderr and exits non-zero, never with a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from smolexport_runtime import SmolexportRuntimeError
+
+        try:
+            return command(*args, **kwargs)
+        except SmolexportError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except SmolexportRuntimeError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="smolexport")
+def main():
+    """Export small Llama-architecture LLMs (SmolLM2) for on-device use, run them, and validate them."""
+
+
+@main.command("onnx")
+@click.option("--model", "model", default=DEFAULT_MODEL, show_default=True,
+              help="Hub id, local Hugging Face folder, .gguf file, or the bundled 'smollm2-135m-instruct'.")
+@click.option("--quant", type=click.Choice(QUANT_MODES), default="int4", show_default=True)
+@click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="Export folder to create.")
+@click.option("--block-size", type=click.Choice(["16", "32", "64", "128", "256"]), default="32", show_default=True,
+              help="Block size of int4/int8 weight quantization.")
+@click.option("--lm-head-bits", type=click.Choice(["4", "8"]), default=None,
+              help="Bits of the embedding/lm_head matrix (default: as the other weights).")
+@click.option("--context", "context_length", type=int, default=None,
+              help="Longest prompt + answer, in tokens (default: the model's maximum).")
+@click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
+@user_errors
+def onnx_command(model, quant, output, block_size, lm_head_bits, context_length, force, quiet):
+    """Export MODEL to an ONNX folder with a KV-cache decoder."""  # noqa: D401
+    options = OnnxExportOptions(
+        quant=quant, block_size=int(block_size), lm_head_bits=int(lm_head_bits) if lm_head_bits else None,
+        context_length=context_length, force=force,
+    )  # fmt: skip
+    manifest = export_onnx(model, output, options, Progress(enabled=not quiet))
+    size = sum(f["bytes"] for f in manifest["files"].values())
+    click.echo(f"exported {model} ({quant}) to {output}: {size / 1e6:.1f} MB in {manifest['export_seconds']} s")
+
+
+@main.command("run")
+@click.argument("export_dir", type=click.Path(path_type=Path))
+@click.argument("prompt")
+@click.option("--max-new-tokens", type=click.IntRange(1), default=256, show_default=True)
+@click.option("--greedy", is_flag=True, help="Always pick the most likely token.")
+@click.option("--temperature", type=click.FloatRange(0), default=None, help="Default: the model's, else 0.7.")
+@click.option("--top-k", type=click.IntRange(0), default=None)
+@click.option("--top-p", type=click.FloatRange(0, 1), default=None)
+@click.option("--seed", type=int, default=None)
+@click.option("--system", default=None, help="System prompt.")
+@click.option("--raw", is_flag=True, help="Feed PROMPT as plain text, without the chat template.")
+@click.option("--stop", multiple=True, help="Stop string (repeatable).")
+@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--threads", type=click.IntRange(1), default=None)
+@user_errors
+def run_command(export_dir, prompt, max_new_tokens, greedy, temperature, top_k, top_p, seed, system, raw, stop,
+                provider, threads):  # fmt: skip
+    """Generate an answer to PROMPT with an export; prints only the generated text on stdout."""
+    from smolexport_runtime import load
+
+    model = load(export_dir, providers=provider, threads=threads)
+    if raw:
+        request = prompt
+    else:
+        request = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
+    sampling = {key: value for key, value in sampling.items() if value is not None}
+    for piece in model.stream(request, max_new_tokens=max_new_tokens, greedy=greedy, seed=seed, stop=list(stop),
+                              chat=not raw, **sampling):  # fmt: skip
+        click.echo(piece, nl=False)
+    click.echo()
+
+
+@main.command("validate")
+@click.argument("export_dir", type=click.Path(path_type=Path))
+@click.option("--reference", default=None, help="PyTorch original (default: the source in the manifest).")
+@click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), default=None,
+              help="JSON list of prompt strings (default: a built-in set).")
+@click.option("--text", "text_file", type=click.Path(path_type=Path), default=None,
+              help="Text file for perplexity (default: a built-in text).")
+@click.option("--max-new-tokens", type=click.IntRange(1), default=32, show_default=True,
+              help="Length of each reference greedy continuation.")
+@click.option("--threshold", "thresholds", multiple=True, metavar="METRIC=VALUE",
+              help="Override a bound, e.g. top1_agreement=0.9 (repeatable).")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the report here.")
+@click.option("--quiet", "-q", is_flag=True)
+@user_errors
+def validate_command(export_dir, reference, prompts_file, text_file, max_new_tokens, thresholds, json_out, quiet):
+    """Compare an export with its PyTorch original; exit 0 if it passes, 1 if not, 2 on usage errors."""
+    from .validate import validate_export
+    from .validate.thresholds import parse_overrides
+
+    report = validate_export(
+        export_dir, reference=reference, prompts_file=prompts_file, text_file=text_file,
+        max_new_tokens=max_new_tokens, thresholds=parse_overrides(thresholds), progress=Progress(not quiet),
+    )  # fmt: skip
+    if json_out:
+        report.write_json(json_out)
+    click.echo(report.summary())
+    sys.exit(0 if report.passed else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,275 @@
+"""Builds the Llama decoder as one ONNX graph that serves both prefill and decode.
+
+Inputs:  input_ids [B, S] int64, attention_mask [B, P+S] int64, position_ids [B, S] int64,
+         past_key_values.{i}.key|value [B, kv_heads, P, head_dim]
+Outputs: logits [B, S, vocab] float32, present.{i}.key|value [B, kv_heads, P+S, head_dim]
+
+Only standard ONNX ops plus two ONNX Runtime contrib ops for quantized weights (MatMulNBits for linear
+layers, GatherBlockQuantized for the embedding). Layers are built one at a time: read the layer's weights,
+convert/quantize them, write them to the external-data file, drop them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from onnx import TensorProto
+
+from ..llama_config import LlamaConfig
+from .graph import MS_DOMAIN, GraphBuilder
+from .quantize import quantize_blockwise
+from .rope import rope_tables
+
+FLOAT_TYPES = {"fp32": (np.float32, TensorProto.FLOAT), "fp16": (np.float16, TensorProto.FLOAT16)}
+
+
+@dataclass(frozen=True)
+class DecoderOptions:
+    """How weights and activations are stored. `weight_bits` None means float weights."""
+
+    activation_dtype: str = "fp32"  # fp32 | fp16
+    weight_bits: int | None = None  # None | 4 | 8
+    lm_head_bits: int | None = None  # bits for the (tied) embedding / lm_head; None = same as weight_bits
+    block_size: int = 32
+    context_length: int = 2048
+
+
+def kv_names(i: int) -> dict[str, str]:
+    return {
+        "past_key": f"past_key_values.{i}.key",
+        "past_value": f"past_key_values.{i}.value",
+        "present_key": f"present.{i}.key",
+        "present_value": f"present.{i}.value",
+    }
+
+
+class DecoderBuilder:
+    def __init__(self, g: GraphBuilder, config: LlamaConfig, options: DecoderOptions):
+        self.g, self.c, self.o = g, config, options
+        self.np_dtype, self.onnx_dtype = FLOAT_TYPES[options.activation_dtype]
+        self.lm_head_bits = options.lm_head_bits or options.weight_bits
+
+    # --- weights ---------------------------------------------------------------------------------
+    def linear(self, x: str, name: str, weight: np.ndarray, bias: np.ndarray | None, bits: int | None) -> str:
+        """y = x @ weight.T (+ bias), weight [out, in] as stored in the checkpoint."""
+        n, k = weight.shape
+        if bits is None:
+            w = self.g.initializer(f"{name}.weight", weight.T.astype(self.np_dtype))
+            y = self.g.node("MatMul", [x, w], name)
+        else:
+            inputs = self._quantized(name, weight, bits)
+            y = self.g.node(
+                "MatMulNBits", [x, *inputs], name, domain=MS_DOMAIN, K=k, N=n, bits=bits,
+                block_size=self.o.block_size,
+            )  # fmt: skip
+        if bias is not None:
+            y = self.g.node("Add", [y, self.g.initializer(f"{name}.bias", bias.astype(self.np_dtype))], f"{name}/bias")
+        return y
+
+    def _quantized(self, name: str, weight: np.ndarray, bits: int) -> list[str]:
+        qw = quantize_blockwise(weight, bits, self.o.block_size, scale_dtype=self.np_dtype)
+        return [
+            self.g.initializer(f"{name}.qweight", qw.data),
+            self.g.initializer(f"{name}.scales", qw.scales),
+            self.g.initializer(f"{name}.zero_points", qw.zero_points),
+        ]
+
+    # --- building blocks -------------------------------------------------------------------------
+    def rms_norm(self, x: str, weight: np.ndarray, name: str) -> str:
+        """RMSNorm computed in fp32 whatever the activation type: x**2 overflows fp16 on real residuals."""
+        g = self.g
+        if self.o.activation_dtype != "fp32":
+            x = g.node("Cast", [x], f"{name}/cast_in", to=TensorProto.FLOAT)
+        mean_sq = g.node("ReduceMean", [g.node("Mul", [x, x], f"{name}/sq")], f"{name}/mean", axes=[-1], keepdims=1)
+        eps = g.const(self.c.rms_norm_eps, np.float32)
+        inv = g.node("Reciprocal", [g.node("Sqrt", [g.node("Add", [mean_sq, eps], f"{name}/eps")], f"{name}/sqrt")],
+                     f"{name}/inv")  # fmt: skip
+        y = g.node("Mul", [x, inv], f"{name}/norm")
+        y = g.node("Mul", [y, g.initializer(f"{name}.weight", weight.astype(np.float32))], f"{name}/scale")
+        if self.o.activation_dtype != "fp32":
+            y = g.node("Cast", [y], f"{name}/cast_out", to=self.onnx_dtype)
+        return y
+
+    def rotary(self, x: str, cos: str, sin: str, name: str) -> str:
+        """HF's rotate-half RoPE: [x1, x2] -> [x1*cos - x2*sin, x2*cos + x1*sin] on the last axis."""
+        g, half = self.g, self.c.head_dim // 2
+        x1 = g.node("Slice", [x, g.const([0]), g.const([half]), g.const([-1])], f"{name}/x1")
+        x2 = g.node("Slice", [x, g.const([half]), g.const([2 * half]), g.const([-1])], f"{name}/x2")
+        a = g.node("Sub", [g.node("Mul", [x1, cos], f"{name}/x1c"), g.node("Mul", [x2, sin], f"{name}/x2s")], f"{name}/a")
+        b = g.node("Add", [g.node("Mul", [x2, cos], f"{name}/x2c"), g.node("Mul", [x1, sin], f"{name}/x1s")], f"{name}/b")
+        return g.node("Concat", [a, b], f"{name}/rot", axis=-1)
+
+    def attention(self, i: int, x: str, w: dict, cos: str, sin: str, mask_bias: str) -> str:
+        g, c, name = self.g, self.c, f"layers.{i}.attn"
+        heads, kv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        rep = heads // kv
+        bits = self.o.weight_bits
+
+        def heads_first(t: str, n_heads: int, tag: str) -> str:  # [B, S, n*D] -> [B, n, S, D]
+            t = g.node("Reshape", [t, g.const([0, 0, n_heads, d])], f"{name}/{tag}_split")
+            return g.node("Transpose", [t], f"{name}/{tag}_bnsd", perm=[0, 2, 1, 3])
+
+        q = heads_first(self.linear(x, f"{name}.q_proj", w["q"], w.get("q_bias"), bits), heads, "q")
+        k = heads_first(self.linear(x, f"{name}.k_proj", w["k"], w.get("k_bias"), bits), kv, "k")
+        v = heads_first(self.linear(x, f"{name}.v_proj", w["v"], w.get("v_bias"), bits), kv, "v")
+        q = self.rotary(q, cos, sin, f"{name}/q_rope")
+        k = self.rotary(k, cos, sin, f"{name}/k_rope")
+
+        io = kv_names(i)
+        g.node_to("Concat", [io["past_key"], k], [io["present_key"]], axis=2)
+        g.node_to("Concat", [io["past_value"], v], [io["present_value"]], axis=2)
+
+        # Grouped-query attention without repeating the cache: the `rep` query heads that share a KV head get
+        # their own axis, [B, H, S, D] -> [B, KV, rep, S, D], and MatMul broadcasts K/V [B, KV, 1, ...] over it.
+        scale = g.const(1.0 / np.sqrt(d), self.np_dtype)
+        q = g.node("Mul", [q, scale], f"{name}/q_scaled")
+        q = g.node("Reshape", [q, g.const([0, kv, rep, -1, d])], f"{name}/q_grouped")  # [B, KV, rep, S, D]
+        k_t = g.node("Transpose", [io["present_key"]], f"{name}/k_t", perm=[0, 1, 3, 2])
+        k_t = g.node("Unsqueeze", [k_t, g.const([2])], f"{name}/k_shared")  # [B, KV, 1, D, T]
+        scores = g.node("MatMul", [q, k_t], f"{name}/scores")  # [B, KV, rep, S, T]
+        if self.o.activation_dtype != "fp32":  # softmax in fp32: masked fp16 scores can overflow to -inf
+            scores = g.node("Cast", [scores], f"{name}/scores_f32", to=TensorProto.FLOAT)
+        probs = g.node("Softmax", [g.node("Add", [scores, mask_bias], f"{name}/masked")], f"{name}/probs", axis=-1)
+        if self.o.activation_dtype != "fp32":
+            probs = g.node("Cast", [probs], f"{name}/probs_cast", to=self.onnx_dtype)
+        v = g.node("Unsqueeze", [io["present_value"], g.const([2])], f"{name}/v_shared")  # [B, KV, 1, T, D]
+        out = g.node("MatMul", [probs, v], f"{name}/context")  # [B, KV, rep, S, D]
+        out = g.node("Reshape", [out, g.const([0, heads, -1, d])], f"{name}/context_heads")
+        out = g.node("Transpose", [out], f"{name}/context_bsnd", perm=[0, 2, 1, 3])
+        out = g.node("Reshape", [out, g.const([0, 0, heads * d])], f"{name}/context_merged")
+        return self.linear(out, f"{name}.o_proj", w["o"], w.get("o_bias"), bits)
+
+    def mlp(self, i: int, x: str, w: dict) -> str:
+        g, name, bits = self.g, f"layers.{i}.mlp", self.o.weight_bits
+        gate = self.linear(x, f"{name}.gate_proj", w["gate"], w.get("gate_bias"), bits)
+        up = self.linear(x, f"{name}.up_proj", w["up"], w.get("up_bias"), bits)
+        act = g.node("Mul", [gate, g.node("Sigmoid", [gate], f"{name}/sigmoid")], f"{name}/silu")
+        return self.linear(g.node("Mul", [act, up], f"{name}/gated"), f"{name}.down_proj", w["down"],
+                           w.get("down_bias"), bits)  # fmt: skip
+
+    def attention_mask_bias(self) -> str:
+        """[B, 1, 1, S, T] additive bias: 0 where query s may attend to key t, a large negative elsewhere.
+
+        Causal by index (queries are the last S of T positions) and padding from attention_mask. The bias is
+        finite, so fully masked rows (left padding) give finite values instead of NaNs that would leak into
+        later layers through the cache.
+        """
+        g = self.g
+        total = g.node("Gather", [g.node("Shape", ["attention_mask"], "mask/shape"), g.const(1)], "mask/total")
+        seq = g.node("Gather", [g.node("Shape", ["input_ids"], "mask/ids_shape"), g.const(1)], "mask/seq")
+        key_pos = g.node("Range", [g.const(0), total, g.const(1)], "mask/key_pos")
+        query_pos = g.node("Range", [g.node("Sub", [total, seq], "mask/past"), total, g.const(1)], "mask/query_pos")
+        causal = g.node("LessOrEqual", [g.node("Unsqueeze", [key_pos, g.const([0])], "mask/k_row"),
+                                        g.node("Unsqueeze", [query_pos, g.const([1])], "mask/q_col")], "mask/causal")  # fmt: skip
+        padding = g.node("Cast", ["attention_mask"], "mask/bool", to=TensorProto.BOOL)
+        padding = g.node("Unsqueeze", [padding, g.const([1, 2, 3])], "mask/padding")  # [B, 1, 1, 1, T]
+        allowed = g.node("And", [causal, padding], "mask/allowed")
+        return g.node("Where", [allowed, g.const(0.0, np.float32), g.const(-1e9, np.float32)], "mask/bias")
+
+    def embedding(self, weight: np.ndarray) -> tuple[str, Callable[[str], str]]:
+        """Returns the embedded input_ids and a function that applies the lm_head sharing this weight.
+
+        The weight is stored once: float models gather from it and multiply by it transposed (Gemm transB);
+        quantized models gather and multiply from the same packed block-quantized data.
+        """
+        g, bits = self.g, self.lm_head_bits
+        vocab, hidden = weight.shape
+        if bits is None:
+            table = g.initializer("embed_tokens.weight", weight.astype(self.np_dtype))
+            embedded = g.node("Gather", [table, "input_ids"], "embed")
+
+            def lm_head(x: str) -> str:  # Gemm with transB reads the [V, H] table in place: no transposed copy
+                flat = g.node("Reshape", [x, g.const([-1, hidden])], "lm_head/flat")
+                y = g.node("Gemm", [flat, table], "lm_head", transB=1)
+                shape = g.node("Concat", [g.node("Shape", ["input_ids"], "lm_head/ids_shape"), g.const([vocab])],
+                               "lm_head/shape", axis=0)  # fmt: skip
+                return g.node("Reshape", [y, shape], "lm_head/logits")
+
+            return embedded, lm_head
+
+        # GatherBlockQuantized reads the same packed data as MatMulNBits, viewed as [V, n_blocks, block]
+        # (quantized on the last axis, one scale per row of it); 4-bit zero points are unpacked for it.
+        qw = quantize_blockwise(weight, bits, self.o.block_size, scale_dtype=self.np_dtype)
+        n_blocks = qw.data.shape[1]
+        data = g.initializer("embed_tokens.qweight", qw.data)
+        scales = g.initializer("embed_tokens.scales", qw.scales)
+        gather_zp = qw.zero_points if bits == 8 else _unpack_nibbles(qw.zero_points, n_blocks)
+        gather_zp = g.initializer("embed_tokens.gather_zero_points", gather_zp.reshape(vocab, n_blocks, 1))
+        gather_scales = g.node("Reshape", [scales, g.const([vocab, n_blocks, 1])], "embed/scales")
+        embedded = g.node("GatherBlockQuantized", [data, "input_ids", gather_scales, gather_zp], "embed",
+                          domain=MS_DOMAIN, gather_axis=0, quantize_axis=2, block_size=self.o.block_size, bits=bits)  # fmt: skip
+        embedded = g.node("Reshape", [embedded, g.const([0, 0, -1])], "embed/merge")
+        if n_blocks * self.o.block_size != hidden:
+            embedded = g.node("Slice", [embedded, g.const([0]), g.const([hidden]), g.const([-1])], "embed/unpad")
+
+        def lm_head(x: str) -> str:
+            zero_points = g.initializer("embed_tokens.zero_points", qw.zero_points)
+            return g.node("MatMulNBits", [x, data, scales, zero_points], "lm_head", domain=MS_DOMAIN, K=hidden,
+                          N=vocab, bits=bits, block_size=self.o.block_size)  # fmt: skip
+
+        return embedded, lm_head
+
+
+def _unpack_nibbles(packed: np.ndarray, count: int) -> np.ndarray:
+    return np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(packed.shape[0], -1)[:, :count].copy()
+
+
+def build_decoder(
+    g: GraphBuilder,
+    config: LlamaConfig,
+    options: DecoderOptions,
+    get_weight: Callable[[str], np.ndarray | None],
+    on_layer: Callable[[int], None] = lambda i: None,
+) -> None:
+    """Adds the whole decoder to `g`. `get_weight(hf_name)` returns a float32 array or None if absent."""
+    c, b = config, DecoderBuilder(g, config, options)
+    float_type = b.onnx_dtype
+    g.input("input_ids", TensorProto.INT64, ["batch", "seq"])
+    g.input("attention_mask", TensorProto.INT64, ["batch", "total_seq"])
+    g.input("position_ids", TensorProto.INT64, ["batch", "seq"])
+    for i in range(c.num_hidden_layers):
+        io = kv_names(i)
+        for key in ("past_key", "past_value"):
+            g.input(io[key], float_type, ["batch", c.num_key_value_heads, "past_seq", c.head_dim])
+
+    embed = get_weight("model.embed_tokens.weight")
+    x, tied_lm_head = b.embedding(embed)
+    lm_head_weight = None if c.tie_word_embeddings else get_weight("lm_head.weight")
+    del embed
+
+    cos_table, sin_table = rope_tables(c, options.context_length)
+    cos = g.node("Gather", [g.initializer("rope.cos", cos_table.astype(b.np_dtype)), "position_ids"], "rope/cos")
+    sin = g.node("Gather", [g.initializer("rope.sin", sin_table.astype(b.np_dtype)), "position_ids"], "rope/sin")
+    cos = g.node("Unsqueeze", [cos, g.const([1])], "rope/cos_heads")  # [B, 1, S, D/2]
+    sin = g.node("Unsqueeze", [sin, g.const([1])], "rope/sin_heads")
+    mask_bias = b.attention_mask_bias()
+
+    for i in range(c.num_hidden_layers):
+        prefix = f"model.layers.{i}."
+        attn = {key: get_weight(f"{prefix}self_attn.{key}_proj.weight") for key in "qkvo"}
+        attn |= {f"{key}_bias": get_weight(f"{prefix}self_attn.{key}_proj.bias") for key in "qkvo"}
+        h = b.rms_norm(x, get_weight(f"{prefix}input_layernorm.weight"), f"layers.{i}.input_norm")
+        x = g.node("Add", [x, b.attention(i, h, attn, cos, sin, mask_bias)], f"layers.{i}.attn_residual")
+        del attn
+        mlp = {key: get_weight(f"{prefix}mlp.{key}_proj.weight") for key in ("gate", "up", "down")}
+        mlp |= {f"{key}_bias": get_weight(f"{prefix}mlp.{key}_proj.bias") for key in ("gate", "up", "down")}
+        h = b.rms_norm(x, get_weight(f"{prefix}post_attention_layernorm.weight"), f"layers.{i}.post_attn_norm")
+        x = g.node("Add", [x, b.mlp(i, h, mlp)], f"layers.{i}.mlp_residual")
+        del mlp
+        on_layer(i)
+
+    x = b.rms_norm(x, get_weight("model.norm.weight"), "final_norm")
+    if lm_head_weight is None:
+        logits = tied_lm_head(x)
+    else:
+        logits = b.linear(x, "lm_head", lm_head_weight, None, b.lm_head_bits)
+    if b.np_dtype != np.float32:
+        logits = g.node("Cast", [logits], "logits/f32", to=TensorProto.FLOAT)
+    g.node_to("Identity", [logits], ["logits"])
+    g.output("logits", TensorProto.FLOAT, ["batch", "seq", c.vocab_size])
+    for i in range(c.num_hidden_layers):
+        io = kv_names(i)
+        for key in ("present_key", "present_value"):
+            g.output(io[key], float_type, ["batch", c.num_key_value_heads, "total_seq", c.head_dim])

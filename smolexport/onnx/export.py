@@ -1,0 +1,148 @@
+"""`export_onnx`: model source -> self-contained ONNX export folder."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from .. import __version__
+from ..errors import UsageError
+from ..packaging import staged_output, write_manifest
+from ..progress import SILENT, Progress
+from ..sources import ModelSource, open_source
+from .decoder import DecoderOptions, build_decoder, kv_names
+from .graph import GraphBuilder
+
+QUANT_MODES = ("int4", "int8", "fp16", "fp32")
+MODEL_FILE = "model.onnx"
+
+
+@dataclass(frozen=True)
+class OnnxExportOptions:
+    quant: str = "int4"
+    block_size: int = 32
+    # Bits for the embedding / lm_head matrix (stored once when tied); None = the same as the other weights.
+    lm_head_bits: int | None = None
+    # Longest sequence (prompt + generated) the export accepts; None = the model's max_position_embeddings.
+    context_length: int | None = None
+    force: bool = False
+
+    def decoder_options(self, max_positions: int) -> DecoderOptions:
+        if self.quant not in QUANT_MODES:
+            raise UsageError(f"unknown quant {self.quant!r}: choose one of {', '.join(QUANT_MODES)}")
+        bits = {"int4": 4, "int8": 8}.get(self.quant)
+        if self.lm_head_bits is not None and (bits is None or self.lm_head_bits not in (4, 8)):
+            raise UsageError("--lm-head-bits takes 4 or 8, with --quant int4 or int8")
+        if self.block_size not in (16, 32, 64, 128, 256):
+            raise UsageError(f"block size must be 16, 32, 64, 128 or 256, got {self.block_size}")
+        context = self.context_length or max_positions
+        if not 0 < context <= max_positions:
+            raise UsageError(f"context length must be between 1 and the model's {max_positions}, got {context}")
+        return DecoderOptions(
+            activation_dtype="fp16" if self.quant == "fp16" else "fp32",
+            weight_bits=bits,
+            lm_head_bits=self.lm_head_bits or bits,
+            block_size=self.block_size,
+            context_length=context,
+        )
+
+
+def export_onnx(model: str, output: Path, options: OnnxExportOptions, progress: Progress = SILENT) -> dict[str, Any]:
+    """Exports `model` (hub id, folder, .gguf or alias) to `output`; returns the manifest."""
+    started = time.perf_counter()
+    options.decoder_options(1 << 30)  # reject bad options before any slow loading
+    progress.step(f"loading {model}")
+    source = open_source(model)
+    decoder = options.decoder_options(source.config.max_position_embeddings)
+    with staged_output(Path(output), options.force) as staging:
+        _write_model(staging, source, decoder, progress)
+        progress.step("writing tokenizer, chat template and generation config")
+        source.write_tokenizer(staging)
+        (staging / "generation_config.json").write_text(json.dumps(source.generation_config, indent=2) + "\n")
+        (staging / "config.json").write_text(json.dumps(source.config_dict, indent=2, default=str) + "\n")
+        progress.step("checksumming")
+        manifest = write_manifest(staging, _manifest(source, options, decoder, time.perf_counter() - started))
+    progress.step(f"done: {output}")
+    return manifest
+
+
+def _write_model(folder: Path, source: ModelSource, decoder: DecoderOptions, progress: Progress) -> None:
+    config = source.config
+    graph = GraphBuilder(folder / MODEL_FILE)
+    try:
+        progress.step(f"building the decoder ({config.num_hidden_layers} layers)")
+        build_decoder(
+            graph, config, decoder, source.get_weight,
+            on_layer=lambda i: progress.count("layers", i + 1, config.num_hidden_layers),
+        )  # fmt: skip
+        graph.save(metadata={"smolexport_version": __version__})
+    finally:
+        graph.close()
+    onnx.checker.check_model(str(folder / MODEL_FILE))
+
+
+def _manifest(source: ModelSource, options: OnnxExportOptions, decoder: DecoderOptions, seconds: float) -> dict:
+    c = source.config
+    inputs = ["input_ids", "attention_mask", "position_ids"]
+    outputs = ["logits"]
+    for i in range(c.num_hidden_layers):
+        names = kv_names(i)
+        inputs += [names["past_key"], names["past_value"]]
+        outputs += [names["present_key"], names["present_value"]]
+    import onnxruntime
+    import torch
+    import transformers
+
+    return {
+        "format": "smolexport-onnx",
+        "format_version": 1,
+        "source": source.describe(),
+        "quant": {
+            "mode": options.quant,
+            "algo": "rtn" if decoder.weight_bits else None,
+            "weight_bits": decoder.weight_bits,
+            "lm_head_bits": decoder.lm_head_bits,
+            "block_size": decoder.block_size if decoder.weight_bits else None,
+            "activation_dtype": decoder.activation_dtype,
+        },
+        "model": {
+            "architecture": "llama",
+            "num_layers": c.num_hidden_layers,
+            "num_attention_heads": c.num_attention_heads,
+            "num_kv_heads": c.num_key_value_heads,
+            "head_dim": c.head_dim,
+            "hidden_size": c.hidden_size,
+            "intermediate_size": c.intermediate_size,
+            "vocab_size": c.vocab_size,
+            "context_length": decoder.context_length,
+            "tie_word_embeddings": c.tie_word_embeddings,
+            "rope_theta": c.rope_theta,
+        },
+        "kv_cache": {
+            "layout": "batch,kv_heads,seq,head_dim",
+            "dtype": "float16" if decoder.activation_dtype == "fp16" else "float32",
+        },
+        "io": {
+            "inputs": inputs,
+            "outputs": outputs,
+            "past_key": "past_key_values.{i}.key",
+            "past_value": "past_key_values.{i}.value",
+            "present_key": "present.{i}.key",
+            "present_value": "present.{i}.value",
+        },
+        "tools": {
+            "smolexport": __version__,
+            "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        },
+        "export_seconds": round(seconds, 1),
+    }

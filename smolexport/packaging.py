@@ -1,0 +1,66 @@
+"""Export folders: built in a staging folder beside the target, checksummed, then moved into place.
+
+A folder either is complete, with a manifest (`smolexport.json`) holding the sha256 of every file, or does
+not exist: an interrupted export leaves only a hidden staging folder, which is removed on failure.
+Reading and verifying a manifest is the runtime's job (`smolexport_runtime.manifest`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from smolexport_runtime.manifest import sha256_file
+
+from .errors import SmolexportError
+
+MANIFEST = "smolexport.json"
+
+
+def file_inventory(folder: Path) -> dict[str, dict[str, Any]]:
+    """sha256 and size of every file under `folder` except the manifest, keyed by relative path."""
+    inventory = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder).as_posix()
+        if rel != MANIFEST:
+            inventory[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    return inventory
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    manifest = {**manifest, "files": file_inventory(folder)}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+@contextmanager
+def staged_output(output: Path, force: bool) -> Iterator[Path]:
+    """Yields an empty staging folder; on success it replaces `output`, on failure it is deleted."""
+    output = Path(output).absolute()
+    if output.exists() and not force:
+        raise SmolexportError(f"{output} already exists; pass --force to replace it")
+    if output.exists() and not output.is_dir():
+        raise SmolexportError(f"{output} exists and is not a folder")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the export should not be
+    try:
+        yield staging
+        if output.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
+            os.replace(output, old / output.name)
+            os.replace(staging, output)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, output)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,101 @@
+"""Exported graphs run in ONNX Runtime and compared with transformers' LlamaForCausalLM."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from smolexport.onnx.export import OnnxExportOptions, export_onnx
+from smolexport.onnx.quantize import dequantize_blockwise, quantize_blockwise
+from tests.conftest import empty_cache
+
+
+def run_onnx(folder, manifest, feed):
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(None, feed), strict=True))
+
+
+def left_padded_batch(vocab: int, seed: int = 1):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, vocab, size=(2, 9))
+    mask = np.ones_like(ids)
+    mask[1, :3] = 0  # the second row is a shorter prompt, left-padded
+    positions = np.clip(mask.cumsum(axis=1) - 1, 0, None)
+    return ids, mask, positions
+
+
+def torch_logits(model, ids, mask, positions):
+    with torch.no_grad():
+        return model(
+            input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(positions)
+        ).logits.numpy()
+
+
+def quantized_copy(model, bits: int, block: int, lm_head_bits: int | None = None):
+    """The torch model with every linear weight replaced by what the int kernels compute with."""
+    q = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, module in q.named_modules():
+            if isinstance(module, torch.nn.Linear):
+                b = (lm_head_bits or bits) if name == "lm_head" else bits
+                w = dequantize_blockwise(quantize_blockwise(module.weight.numpy(), b, block))
+                module.weight.copy_(torch.from_numpy(w))
+        if not q.config.tie_word_embeddings:  # untied embedding is quantized on its own
+            emb = q.model.embed_tokens.weight
+            emb.copy_(torch.from_numpy(dequantize_blockwise(quantize_blockwise(emb.numpy(), bits, block))))
+    return q
+
+
+@pytest.mark.parametrize("which", ["gqa_tied", "mha_untied"])
+@pytest.mark.parametrize("quant", ["fp32", "fp16", "int8", "int4"])
+def test_prefill_and_cached_decode_match_pytorch(tiny_models, tmp_path, which, quant):
+    folder, model = tiny_models[which]
+    out = tmp_path / "export"
+    manifest = export_onnx(str(folder), out, OnnxExportOptions(quant=quant, block_size=32))
+    reference = model if quant in ("fp32", "fp16") else quantized_copy(model, {"int8": 8, "int4": 4}[quant], 32)
+    tolerance = {"fp32": 1e-4, "fp16": 5e-2, "int8": 1e-3, "int4": 1e-3}[quant]
+    vocab = model.config.vocab_size
+
+    ids, mask, positions = left_padded_batch(vocab)
+    outputs = run_onnx(out, manifest, {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
+                                       **empty_cache(manifest, 2)})  # fmt: skip
+    expected = torch_logits(reference, ids, mask, positions)
+    real = mask.astype(bool)  # padded positions produce unused logits
+    np.testing.assert_allclose(outputs["logits"][real], expected[real], atol=tolerance, rtol=0)
+    assert outputs["present.0.key"].shape == (2, model.config.num_key_value_heads, 9, 16)
+
+    # Three decode steps through the cache equal one uncached pass over the whole sequence.
+    cache = {k.replace("present", "past_key_values"): v for k, v in outputs.items() if k.startswith("present")}
+    all_ids, all_mask, all_pos = ids, mask, positions
+    for step in range(3):
+        token = np.array([[5 + step], [7 + step]])
+        all_ids = np.concatenate([all_ids, token], axis=1)
+        all_mask = np.concatenate([all_mask, np.ones((2, 1), np.int64)], axis=1)
+        all_pos = np.concatenate([all_pos, all_pos[:, -1:] + 1], axis=1)
+        step_out = run_onnx(out, manifest, {"input_ids": token, "attention_mask": all_mask,
+                                            "position_ids": all_pos[:, -1:], **cache})  # fmt: skip
+        cache = {k.replace("present", "past_key_values"): v for k, v in step_out.items() if k.startswith("present")}
+        uncached = run_onnx(out, manifest, {"input_ids": all_ids, "attention_mask": all_mask, "position_ids": all_pos,
+                                            **empty_cache(manifest, 2)})  # fmt: skip
+        np.testing.assert_allclose(step_out["logits"][:, 0], uncached["logits"][:, -1], atol=tolerance, rtol=0)
+        np.testing.assert_allclose(
+            step_out["logits"][:, 0], torch_logits(reference, all_ids, all_mask, all_pos)[:, -1], atol=tolerance, rtol=0
+        )
+
+
+def test_tied_weight_is_stored_once(tiny_models, tmp_path):
+    import onnx
+
+    folder, model = tiny_models["gqa_tied"]
+    for quant in ("fp32", "int4"):
+        export_onnx(str(folder), tmp_path / quant, OnnxExportOptions(quant=quant))
+        graph = onnx.load(str(tmp_path / quant / "model.onnx"), load_external_data=False).graph
+        vocab_sized = [t.name for t in graph.initializer if t.dims and t.dims[0] == model.config.vocab_size]
+        # fp32: one [V, H] table; int4: its packed data, scales and the two zero-point layouts
+        big = [n for n in vocab_sized if "zero_points" not in n and "scales" not in n]
+        assert big == ["embed_tokens.weight"] if quant == "fp32" else big == ["embed_tokens.qweight"], vocab_sized

@@ -1,0 +1,54 @@
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig as HFLlamaConfig
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+from smolexport.errors import SmolexportError
+from smolexport.llama_config import LlamaConfig
+from smolexport.onnx.quantize import dequantize_blockwise, quantize_blockwise
+from smolexport.onnx.rope import rope_tables
+
+ROPE_CASES = {
+    "default": {"rope_theta": 130000.0},
+    "linear": {"rope_scaling": {"rope_type": "linear", "factor": 4.0}},
+    "llama3": {"rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                        "high_freq_factor": 4.0, "original_max_position_embeddings": 64}},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", ROPE_CASES)
+def test_rope_tables_match_transformers(case):
+    hf = HFLlamaConfig(hidden_size=128, num_attention_heads=2, max_position_embeddings=512, **ROPE_CASES[case])
+    cos, sin = rope_tables(LlamaConfig.from_dict(hf.to_dict()), 512)
+    rotary = LlamaRotaryEmbedding(config=hf)
+    positions = torch.arange(512)[None]
+    ref_cos, ref_sin = rotary(torch.zeros(1, 512, 64), positions)
+    # Angles reach 512 rad, where one float32 ulp is 6e-5: allow a couple of ulps of disagreement.
+    np.testing.assert_allclose(cos, ref_cos[0, :, :32].numpy(), atol=1e-4)
+    np.testing.assert_allclose(sin, ref_sin[0, :, :32].numpy(), atol=1e-4)
+
+
+def test_rope_theta_read_from_transformers5_rope_parameters():
+    config = LlamaConfig.from_dict({
+        "model_type": "llama", "hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+        "intermediate_size": 128, "vocab_size": 10, "rope_parameters": {"rope_theta": 130000.0, "rope_type": "default"},
+    })  # fmt: skip
+    assert config.rope_theta == 130000.0
+
+
+def test_other_architectures_are_refused_with_a_clear_message():
+    with pytest.raises(SmolexportError, match="unsupported architecture MistralForCausalLM"):
+        LlamaConfig.from_dict({"model_type": "mistral", "architectures": ["MistralForCausalLM"]})
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("k", [64, 80])  # 80: a partial last block
+def test_blockwise_quantization_error_is_within_half_a_step(bits, k):
+    w = np.random.default_rng(0).standard_normal((24, k)).astype(np.float32)
+    q = quantize_blockwise(w, bits, 32)
+    assert q.data.shape == (24, 3 if k == 80 else 2, 32 * bits // 8)
+    deq = dequantize_blockwise(q)
+    assert deq.shape == w.shape
+    step = np.repeat(q.scales, 32, axis=1)[:, :k]
+    assert np.all(np.abs(deq - w) <= step / 2 + 1e-6)
