@@ -17,12 +17,27 @@ import torch
 from safetensors.torch import save_file
 
 SMOLLM2_1P7B = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048, "intermediate_size": 8192,
-    "num_hidden_layers": 24, "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 49152,
-    "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 130000.0, "tie_word_embeddings": True,
-    "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2, "torch_dtype": "bfloat16",
-    "head_dim": 64, "attention_bias": False, "mlp_bias": False,
-}  # fmt: skip
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 2048,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "vocab_size": 49152,
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 130000.0,
+    "tie_word_embeddings": True,
+    "hidden_act": "silu",
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 2,
+    "torch_dtype": "bfloat16",
+    "head_dim": 64,
+    "attention_bias": False,
+    "mlp_bias": False,
+}
 
 
 def main() -> None:
@@ -48,18 +63,26 @@ def main() -> None:
         weight_map.update(dict.fromkeys(tensors, shard))
 
     n = config["num_hidden_layers"]
-    write("embed.safetensors", {"model.embed_tokens.weight": rand(v, h),
-                                "model.norm.weight": torch.ones(h, dtype=torch.bfloat16)})  # fmt: skip
+    write(
+        "embed.safetensors",
+        {"model.embed_tokens.weight": rand(v, h), "model.norm.weight": torch.ones(h, dtype=torch.bfloat16)},
+    )
     for i in range(n):
         p = f"model.layers.{i}."
-        write(f"layer-{i:03d}.safetensors", {
-            p + "self_attn.q_proj.weight": rand(h, h), p + "self_attn.k_proj.weight": rand(kv, h),
-            p + "self_attn.v_proj.weight": rand(kv, h), p + "self_attn.o_proj.weight": rand(h, h),
-            p + "mlp.gate_proj.weight": rand(f, h), p + "mlp.up_proj.weight": rand(f, h),
-            p + "mlp.down_proj.weight": rand(h, f),
-            p + "input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
-            p + "post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
-        })  # fmt: skip
+        write(
+            f"layer-{i:03d}.safetensors",
+            {
+                p + "self_attn.q_proj.weight": rand(h, h),
+                p + "self_attn.k_proj.weight": rand(kv, h),
+                p + "self_attn.v_proj.weight": rand(kv, h),
+                p + "self_attn.o_proj.weight": rand(h, h),
+                p + "mlp.gate_proj.weight": rand(f, h),
+                p + "mlp.up_proj.weight": rand(f, h),
+                p + "mlp.down_proj.weight": rand(h, f),
+                p + "input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
+                p + "post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
+            },
+        )
         print(f"layer {i + 1}/{n}", flush=True)
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
     (out / "config.json").write_text(json.dumps(config, indent=2))

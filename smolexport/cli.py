@@ -49,25 +49,47 @@ def main():
 
 
 @main.command("onnx")
-@click.option("--model", "model", default=DEFAULT_MODEL, show_default=True,
-              help="Hub id, local Hugging Face folder, .gguf file, or the bundled 'smollm2-135m-instruct'.")
+@click.option(
+    "--model",
+    "model",
+    default=DEFAULT_MODEL,
+    show_default=True,
+    help="Hub id, local Hugging Face folder, .gguf file, or the bundled 'smollm2-135m-instruct'.",
+)
 @click.option("--quant", type=click.Choice(QUANT_MODES), default="int4", show_default=True)
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="Export folder to create.")
-@click.option("--block-size", type=click.Choice(["16", "32", "64", "128", "256"]), default="32", show_default=True,
-              help="Block size of int4/int8 weight quantization.")
-@click.option("--lm-head-bits", type=click.Choice(["4", "8"]), default=None,
-              help="Bits of the embedding/lm_head matrix (default: as the other weights).")
-@click.option("--context", "context_length", type=int, default=None,
-              help="Longest prompt + answer, in tokens (default: the model's maximum).")
+@click.option(
+    "--block-size",
+    type=click.Choice(["16", "32", "64", "128", "256"]),
+    default="32",
+    show_default=True,
+    help="Block size of int4/int8 weight quantization.",
+)
+@click.option(
+    "--lm-head-bits",
+    type=click.Choice(["4", "8"]),
+    default=None,
+    help="Bits of the embedding/lm_head matrix (default: as the other weights).",
+)
+@click.option(
+    "--context",
+    "context_length",
+    type=int,
+    default=None,
+    help="Longest prompt + answer, in tokens (default: the model's maximum).",
+)
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
 @user_errors
 def onnx_command(model, quant, output, block_size, lm_head_bits, context_length, force, quiet):
     """Export MODEL to an ONNX folder with a KV-cache decoder."""  # noqa: D401
     options = OnnxExportOptions(
-        quant=quant, block_size=int(block_size), lm_head_bits=int(lm_head_bits) if lm_head_bits else None,
-        context_length=context_length, force=force,
-    )  # fmt: skip
+        quant=quant,
+        block_size=int(block_size),
+        lm_head_bits=int(lm_head_bits) if lm_head_bits else None,
+        context_length=context_length,
+        force=force,
+    )
     manifest = export_onnx(model, output, options, Progress(enabled=not quiet))
     size = sum(f["bytes"] for f in manifest["files"].values())
     click.echo(f"exported {model} ({quant}) to {output}: {size / 1e6:.1f} MB in {manifest['export_seconds']} s")
@@ -88,8 +110,9 @@ def onnx_command(model, quant, output, block_size, lm_head_bits, context_length,
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--threads", type=click.IntRange(1), default=None)
 @user_errors
-def run_command(export_dir, prompt, max_new_tokens, greedy, temperature, top_k, top_p, seed, system, raw, stop,
-                provider, threads):  # fmt: skip
+def run_command(
+    export_dir, prompt, max_new_tokens, greedy, temperature, top_k, top_p, seed, system, raw, stop, provider, threads
+):
     """Generate an answer to PROMPT with an export; prints only the generated text on stdout."""
     from smolexport_runtime import load
 
@@ -100,8 +123,9 @@ def run_command(export_dir, prompt, max_new_tokens, greedy, temperature, top_k, 
         request = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
     sampling = {key: value for key, value in sampling.items() if value is not None}
-    for piece in model.stream(request, max_new_tokens=max_new_tokens, greedy=greedy, seed=seed, stop=list(stop),
-                              chat=not raw, **sampling):  # fmt: skip
+    for piece in model.stream(
+        request, max_new_tokens=max_new_tokens, greedy=greedy, seed=seed, stop=list(stop), chat=not raw, **sampling
+    ):
         click.echo(piece, nl=False)
     click.echo()
 
@@ -109,14 +133,34 @@ def run_command(export_dir, prompt, max_new_tokens, greedy, temperature, top_k, 
 @main.command("validate")
 @click.argument("export_dir", type=click.Path(path_type=Path))
 @click.option("--reference", default=None, help="PyTorch original (default: the source in the manifest).")
-@click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), default=None,
-              help="JSON list of prompt strings (default: a built-in set).")
-@click.option("--text", "text_file", type=click.Path(path_type=Path), default=None,
-              help="Text file for perplexity (default: a built-in text).")
-@click.option("--max-new-tokens", type=click.IntRange(1), default=32, show_default=True,
-              help="Length of each reference greedy continuation.")
-@click.option("--threshold", "thresholds", multiple=True, metavar="METRIC=VALUE",
-              help="Override a bound, e.g. top1_agreement=0.9 (repeatable).")
+@click.option(
+    "--prompts",
+    "prompts_file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="JSON list of prompt strings (default: a built-in set).",
+)
+@click.option(
+    "--text",
+    "text_file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Text file for perplexity (default: a built-in text).",
+)
+@click.option(
+    "--max-new-tokens",
+    type=click.IntRange(1),
+    default=32,
+    show_default=True,
+    help="Length of each reference greedy continuation.",
+)
+@click.option(
+    "--threshold",
+    "thresholds",
+    multiple=True,
+    metavar="METRIC=VALUE",
+    help="Override a bound, e.g. top1_agreement=0.9 (repeatable).",
+)
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the report here.")
 @click.option("--quiet", "-q", is_flag=True)
 @user_errors
@@ -126,9 +170,14 @@ def validate_command(export_dir, reference, prompts_file, text_file, max_new_tok
     from .validate.thresholds import parse_overrides
 
     report = validate_export(
-        export_dir, reference=reference, prompts_file=prompts_file, text_file=text_file,
-        max_new_tokens=max_new_tokens, thresholds=parse_overrides(thresholds), progress=Progress(not quiet),
-    )  # fmt: skip
+        export_dir,
+        reference=reference,
+        prompts_file=prompts_file,
+        text_file=text_file,
+        max_new_tokens=max_new_tokens,
+        thresholds=parse_overrides(thresholds),
+        progress=Progress(not quiet),
+    )
     if json_out:
         report.write_json(json_out)
     click.echo(report.summary())

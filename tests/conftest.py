@@ -28,10 +28,17 @@ def write_tiny_tokenizer(folder: Path, vocab_size: int) -> None:
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer.add_special_tokens(SPECIAL_TOKENS)
     tokenizer.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "unk_token": "<|endoftext|>",
-        "chat_template": SMOLLM2_TEMPLATE, "tokenizer_class": "PreTrainedTokenizerFast",
-    }))  # fmt: skip
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token": "<|im_start|>",
+                "eos_token": "<|im_end|>",
+                "unk_token": "<|endoftext|>",
+                "chat_template": SMOLLM2_TEMPLATE,
+                "tokenizer_class": "PreTrainedTokenizerFast",
+            }
+        )
+    )
 
 
 def make_tiny_llama(folder: Path, *, heads=4, kv_heads=2, tied=True, layers=2, hidden=64, vocab=320, seed=0):
@@ -41,10 +48,19 @@ def make_tiny_llama(folder: Path, *, heads=4, kv_heads=2, tied=True, layers=2, h
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=heads,
-        num_key_value_heads=kv_heads, vocab_size=vocab, max_position_embeddings=256, tie_word_embeddings=tied,
-        rope_theta=10000.0, eos_token_id=EOS_ID, bos_token_id=1, pad_token_id=EOS_ID,
-    )  # fmt: skip
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        vocab_size=vocab,
+        max_position_embeddings=256,
+        tie_word_embeddings=tied,
+        rope_theta=10000.0,
+        eos_token_id=EOS_ID,
+        bos_token_id=1,
+        pad_token_id=EOS_ID,
+    )
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():  # random init has tiny weights; scale them up so differences would show
         for p in model.parameters():

@@ -61,9 +61,15 @@ class DecoderBuilder:
         else:
             inputs = self._quantized(name, weight, bits)
             y = self.g.node(
-                "MatMulNBits", [x, *inputs], name, domain=MS_DOMAIN, K=k, N=n, bits=bits,
+                "MatMulNBits",
+                [x, *inputs],
+                name,
+                domain=MS_DOMAIN,
+                K=k,
+                N=n,
+                bits=bits,
                 block_size=self.o.block_size,
-            )  # fmt: skip
+            )
         if bias is not None:
             y = self.g.node("Add", [y, self.g.initializer(f"{name}.bias", bias.astype(self.np_dtype))], f"{name}/bias")
         return y
@@ -84,8 +90,11 @@ class DecoderBuilder:
             x = g.node("Cast", [x], f"{name}/cast_in", to=TensorProto.FLOAT)
         mean_sq = g.node("ReduceMean", [g.node("Mul", [x, x], f"{name}/sq")], f"{name}/mean", axes=[-1], keepdims=1)
         eps = g.const(self.c.rms_norm_eps, np.float32)
-        inv = g.node("Reciprocal", [g.node("Sqrt", [g.node("Add", [mean_sq, eps], f"{name}/eps")], f"{name}/sqrt")],
-                     f"{name}/inv")  # fmt: skip
+        inv = g.node(
+            "Reciprocal",
+            [g.node("Sqrt", [g.node("Add", [mean_sq, eps], f"{name}/eps")], f"{name}/sqrt")],
+            f"{name}/inv",
+        )
         y = g.node("Mul", [x, inv], f"{name}/norm")
         y = g.node("Mul", [y, g.initializer(f"{name}.weight", weight.astype(np.float32))], f"{name}/scale")
         if self.o.activation_dtype != "fp32":
@@ -97,8 +106,12 @@ class DecoderBuilder:
         g, half = self.g, self.c.head_dim // 2
         x1 = g.node("Slice", [x, g.const([0]), g.const([half]), g.const([-1])], f"{name}/x1")
         x2 = g.node("Slice", [x, g.const([half]), g.const([2 * half]), g.const([-1])], f"{name}/x2")
-        a = g.node("Sub", [g.node("Mul", [x1, cos], f"{name}/x1c"), g.node("Mul", [x2, sin], f"{name}/x2s")], f"{name}/a")
-        b = g.node("Add", [g.node("Mul", [x2, cos], f"{name}/x2c"), g.node("Mul", [x1, sin], f"{name}/x1s")], f"{name}/b")
+        a = g.node(
+            "Sub", [g.node("Mul", [x1, cos], f"{name}/x1c"), g.node("Mul", [x2, sin], f"{name}/x2s")], f"{name}/a"
+        )
+        b = g.node(
+            "Add", [g.node("Mul", [x2, cos], f"{name}/x2c"), g.node("Mul", [x1, sin], f"{name}/x1s")], f"{name}/b"
+        )
         return g.node("Concat", [a, b], f"{name}/rot", axis=-1)
 
     def attention(self, i: int, x: str, w: dict, cos: str, sin: str, mask_bias: str) -> str:
@@ -146,8 +159,9 @@ class DecoderBuilder:
         gate = self.linear(x, f"{name}.gate_proj", w["gate"], w.get("gate_bias"), bits)
         up = self.linear(x, f"{name}.up_proj", w["up"], w.get("up_bias"), bits)
         act = g.node("Mul", [gate, g.node("Sigmoid", [gate], f"{name}/sigmoid")], f"{name}/silu")
-        return self.linear(g.node("Mul", [act, up], f"{name}/gated"), f"{name}.down_proj", w["down"],
-                           w.get("down_bias"), bits)  # fmt: skip
+        return self.linear(
+            g.node("Mul", [act, up], f"{name}/gated"), f"{name}.down_proj", w["down"], w.get("down_bias"), bits
+        )
 
     def attention_mask_bias(self) -> str:
         """[B, 1, 1, S, T] additive bias: 0 where query s may attend to key t, a large negative elsewhere.
@@ -161,8 +175,14 @@ class DecoderBuilder:
         seq = g.node("Gather", [g.node("Shape", ["input_ids"], "mask/ids_shape"), g.const(1)], "mask/seq")
         key_pos = g.node("Range", [g.const(0), total, g.const(1)], "mask/key_pos")
         query_pos = g.node("Range", [g.node("Sub", [total, seq], "mask/past"), total, g.const(1)], "mask/query_pos")
-        causal = g.node("LessOrEqual", [g.node("Unsqueeze", [key_pos, g.const([0])], "mask/k_row"),
-                                        g.node("Unsqueeze", [query_pos, g.const([1])], "mask/q_col")], "mask/causal")  # fmt: skip
+        causal = g.node(
+            "LessOrEqual",
+            [
+                g.node("Unsqueeze", [key_pos, g.const([0])], "mask/k_row"),
+                g.node("Unsqueeze", [query_pos, g.const([1])], "mask/q_col"),
+            ],
+            "mask/causal",
+        )
         padding = g.node("Cast", ["attention_mask"], "mask/bool", to=TensorProto.BOOL)
         padding = g.node("Unsqueeze", [padding, g.const([1, 2, 3])], "mask/padding")  # [B, 1, 1, 1, T]
         allowed = g.node("And", [causal, padding], "mask/allowed")
@@ -183,8 +203,12 @@ class DecoderBuilder:
             def lm_head(x: str) -> str:  # Gemm with transB reads the [V, H] table in place: no transposed copy
                 flat = g.node("Reshape", [x, g.const([-1, hidden])], "lm_head/flat")
                 y = g.node("Gemm", [flat, table], "lm_head", transB=1)
-                shape = g.node("Concat", [g.node("Shape", ["input_ids"], "lm_head/ids_shape"), g.const([vocab])],
-                               "lm_head/shape", axis=0)  # fmt: skip
+                shape = g.node(
+                    "Concat",
+                    [g.node("Shape", ["input_ids"], "lm_head/ids_shape"), g.const([vocab])],
+                    "lm_head/shape",
+                    axis=0,
+                )
                 return g.node("Reshape", [y, shape], "lm_head/logits")
 
             return embedded, lm_head
@@ -198,16 +222,32 @@ class DecoderBuilder:
         gather_zp = qw.zero_points if bits == 8 else _unpack_nibbles(qw.zero_points, n_blocks)
         gather_zp = g.initializer("embed_tokens.gather_zero_points", gather_zp.reshape(vocab, n_blocks, 1))
         gather_scales = g.node("Reshape", [scales, g.const([vocab, n_blocks, 1])], "embed/scales")
-        embedded = g.node("GatherBlockQuantized", [data, "input_ids", gather_scales, gather_zp], "embed",
-                          domain=MS_DOMAIN, gather_axis=0, quantize_axis=2, block_size=self.o.block_size, bits=bits)  # fmt: skip
+        embedded = g.node(
+            "GatherBlockQuantized",
+            [data, "input_ids", gather_scales, gather_zp],
+            "embed",
+            domain=MS_DOMAIN,
+            gather_axis=0,
+            quantize_axis=2,
+            block_size=self.o.block_size,
+            bits=bits,
+        )
         embedded = g.node("Reshape", [embedded, g.const([0, 0, -1])], "embed/merge")
         if n_blocks * self.o.block_size != hidden:
             embedded = g.node("Slice", [embedded, g.const([0]), g.const([hidden]), g.const([-1])], "embed/unpad")
 
         def lm_head(x: str) -> str:
             zero_points = g.initializer("embed_tokens.zero_points", qw.zero_points)
-            return g.node("MatMulNBits", [x, data, scales, zero_points], "lm_head", domain=MS_DOMAIN, K=hidden,
-                          N=vocab, bits=bits, block_size=self.o.block_size)  # fmt: skip
+            return g.node(
+                "MatMulNBits",
+                [x, data, scales, zero_points],
+                "lm_head",
+                domain=MS_DOMAIN,
+                K=hidden,
+                N=vocab,
+                bits=bits,
+                block_size=self.o.block_size,
+            )
 
         return embedded, lm_head
 
@@ -263,7 +303,7 @@ def build_decoder(
     x = b.rms_norm(x, get_weight("model.norm.weight"), "final_norm")
     if lm_head_weight is None:
         logits = tied_lm_head(x)
-    else:
+    else:  # untied: a separate [vocab, hidden] matrix
         logits = b.linear(x, "lm_head", lm_head_weight, None, b.lm_head_bits)
     if b.np_dtype != np.float32:
         logits = g.node("Cast", [logits], "logits/f32", to=TensorProto.FLOAT)

@@ -78,9 +78,12 @@ def _write_model(folder: Path, source: ModelSource, decoder: DecoderOptions, pro
     try:
         progress.step(f"building the decoder ({config.num_hidden_layers} layers)")
         build_decoder(
-            graph, config, decoder, source.get_weight,
+            graph,
+            config,
+            decoder,
+            source.get_weight,
             on_layer=lambda i: progress.count("layers", i + 1, config.num_hidden_layers),
-        )  # fmt: skip
+        )
         graph.save(metadata={"smolexport_version": __version__})
     finally:
         graph.close()

@@ -28,7 +28,7 @@ class GraphBuilder:
     def __init__(self, model_path: Path, graph_name: str = "decoder"):
         self.model_path = Path(model_path)
         self.data_name = self.model_path.name + ".data"
-        self._data = open(self.model_path.with_name(self.data_name), "wb")
+        self._data = open(self.model_path.with_name(self.data_name), "wb")  # noqa: SIM115 (closed in save/close)
         self.graph_name = graph_name
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []

@@ -42,10 +42,16 @@ class ValidationReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "passed": self.passed, "export": self.export, "reference": self.reference, "quant": self.quant,
-            "overall": self.overall, "checks": self.checks, "prompts": self.prompts, "text": self.text,
+            "passed": self.passed,
+            "export": self.export,
+            "reference": self.reference,
+            "quant": self.quant,
+            "overall": self.overall,
+            "checks": self.checks,
+            "prompts": self.prompts,
+            "text": self.text,
             "seconds": round(self.seconds, 1),
-        }  # fmt: skip
+        }
 
     def write_json(self, path: Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -63,7 +69,9 @@ class ValidationReport:
         ]
         for c in self.checks:
             op = "<=" if c["kind"] == "max" else ">="
-            lines.append(f"  {'PASS' if c['passed'] else 'FAIL'}  {c['metric']} = {c['value']:.4g} ({op} {c['limit']:g})")
+            lines.append(
+                f"  {'PASS' if c['passed'] else 'FAIL'}  {c['metric']} = {c['value']:.4g} ({op} {c['limit']:g})"
+            )
         lines.append("PASSED" if self.passed else "FAILED")
         return "\n".join(lines)
 
@@ -105,10 +113,15 @@ def validate_export(
         exp_logits = _export_logits_cached(export.decoder, prompt_ids, continuation)
         comparison = compare_logits(ref_logits, exp_logits, np.array(continuation))
         comparisons.append(comparison)
-        prompt_results.append({
-            "prompt": prompt, "prompt_tokens": len(prompt_ids), "reference_text": export.tokenizer.decode(continuation),
-            "greedy_identical": comparison.greedy_match == len(continuation), **comparison.to_dict(),
-        })  # fmt: skip
+        prompt_results.append(
+            {
+                "prompt": prompt,
+                "prompt_tokens": len(prompt_ids),
+                "reference_text": export.tokenizer.decode(continuation),
+                "greedy_identical": comparison.greedy_match == len(continuation),
+                **comparison.to_dict(),
+            }
+        )
 
     progress.step("scoring the text")
     text_ids = export.encode(text, chat=False)
@@ -126,14 +139,25 @@ def validate_export(
 
     overall = _overall(comparisons + [text_cmp], prompt_results, text_result)
     checks = [
-        {"metric": b.metric, "value": overall[b.metric], "limit": b.limit, "kind": b.kind,
-         "passed": b.check(overall[b.metric])}
+        {
+            "metric": b.metric,
+            "value": overall[b.metric],
+            "limit": b.limit,
+            "kind": b.kind,
+            "passed": b.check(overall[b.metric]),
+        }
         for b in bounds
-    ]  # fmt: skip
+    ]
     return ValidationReport(
-        export=str(export_dir), reference=reference, quant=quant, prompts=prompt_results, text=text_result,
-        overall=overall, checks=checks, seconds=time.perf_counter() - started,
-    )  # fmt: skip
+        export=str(export_dir),
+        reference=reference,
+        quant=quant,
+        prompts=prompt_results,
+        text=text_result,
+        overall=overall,
+        checks=checks,
+        seconds=time.perf_counter() - started,
+    )
 
 
 def _overall(comparisons: list[LogitComparison], prompts: list[dict], text: dict) -> dict[str, float]:
@@ -161,10 +185,16 @@ def _reference_greedy(model, prompt_ids: list[int], max_new_tokens: int, eos_ids
 
     with torch.inference_mode():
         out = model.generate(
-            torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
-            max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
-            eos_token_id=eos_ids, pad_token_id=eos_ids[0],
-        )  # fmt: skip
+            torch.tensor([prompt_ids]),
+            attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            eos_token_id=eos_ids,
+            pad_token_id=eos_ids[0],
+        )
     return out[0, len(prompt_ids) :].tolist()
 
 
@@ -178,9 +208,11 @@ def _torch_logits(model, ids: np.ndarray) -> np.ndarray:
 def _export_logits_uncached(decoder, ids: list[int]) -> np.ndarray:
     n = len(ids)
     logits, _ = decoder.forward(
-        np.array([ids], dtype=np.int64), np.ones((1, n), np.int64), np.arange(n, dtype=np.int64)[None, :],
+        np.array([ids], dtype=np.int64),
+        np.ones((1, n), np.int64),
+        np.arange(n, dtype=np.int64)[None, :],
         decoder.empty_cache(1),
-    )  # fmt: skip
+    )
     return logits[0]
 
 
@@ -188,9 +220,11 @@ def _export_logits_cached(decoder, prompt_ids: list[int], continuation: list[int
     """Logits predicting each continuation token: prefill the prompt, then feed the continuation one by one."""
     n = len(prompt_ids)
     logits, cache = decoder.forward(
-        np.array([prompt_ids], dtype=np.int64), np.ones((1, n), np.int64), np.arange(n, dtype=np.int64)[None, :],
+        np.array([prompt_ids], dtype=np.int64),
+        np.ones((1, n), np.int64),
+        np.arange(n, dtype=np.int64)[None, :],
         decoder.empty_cache(1),
-    )  # fmt: skip
+    )
     rows = [logits[0, -1]]
     for token in continuation[:-1]:
         logits, cache = decoder.forward(

@@ -32,8 +32,7 @@ METRIC_KINDS = {
 }
 
 DEFAULT_BOUNDS: dict[str, dict[str, float]] = {
-    "fp32": {"max_abs_logit_diff": 1e-3, "greedy_identical_fraction": 1.0, "top1_agreement": 1.0,
-             "ppl_ratio": 1.001},
+    "fp32": {"max_abs_logit_diff": 1e-3, "greedy_identical_fraction": 1.0, "top1_agreement": 1.0, "ppl_ratio": 1.001},
     # measured: KL 8.7e-6, top-1 1.000, ppl ratio 0.999
     "fp16": {"mean_kl": 1e-3, "top1_agreement": 0.97, "ppl_ratio": 1.01},
     # measured: KL 1.2e-3, top-1 0.989, ppl ratio 0.995
@@ -41,16 +40,20 @@ DEFAULT_BOUNDS: dict[str, dict[str, float]] = {
     # measured (plain round-to-nearest, block 32): KL 0.41, top-1 0.637, ppl ratio 1.34. These bounds catch a
     # broken export (KL of several nats, top-1 near 0), not a quality goal; see docs/validation.md.
     "int4": {"mean_kl": 0.6, "top1_agreement": 0.55, "ppl_ratio": 1.5},
-}  # fmt: skip
+}
 
 
 def bounds_for(quant: str, overrides: dict[str, float] | None = None) -> list[Bound]:
     limits = dict(DEFAULT_BOUNDS.get(quant, DEFAULT_BOUNDS["int4"]))
     for metric, limit in (overrides or {}).items():
-        if metric not in METRIC_KINDS:
-            raise UsageError(f"unknown threshold {metric!r}: choose from {', '.join(METRIC_KINDS)}")
-        limits[metric] = limit
+        limits[_known_metric(metric)] = limit
     return [Bound(metric, limit, METRIC_KINDS[metric]) for metric, limit in limits.items()]
+
+
+def _known_metric(metric: str) -> str:
+    if metric not in METRIC_KINDS:
+        raise UsageError(f"unknown threshold {metric!r}: choose from {', '.join(METRIC_KINDS)}")
+    return metric
 
 
 def parse_overrides(items: tuple[str, ...] | list[str]) -> dict[str, float]:
@@ -61,7 +64,7 @@ def parse_overrides(items: tuple[str, ...] | list[str]) -> dict[str, float]:
         try:
             if not sep:
                 raise ValueError
-            overrides[metric.strip()] = float(value)
+            overrides[_known_metric(metric.strip())] = float(value)
         except ValueError:
             raise UsageError(f"--threshold takes METRIC=VALUE, got {item!r}") from None
     return overrides

@@ -62,8 +62,9 @@ def test_prefill_and_cached_decode_match_pytorch(tiny_models, tmp_path, which, q
     vocab = model.config.vocab_size
 
     ids, mask, positions = left_padded_batch(vocab)
-    outputs = run_onnx(out, manifest, {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
-                                       **empty_cache(manifest, 2)})  # fmt: skip
+    outputs = run_onnx(
+        out, manifest, {"input_ids": ids, "attention_mask": mask, "position_ids": positions, **empty_cache(manifest, 2)}
+    )
     expected = torch_logits(reference, ids, mask, positions)
     real = mask.astype(bool)  # padded positions produce unused logits
     np.testing.assert_allclose(outputs["logits"][real], expected[real], atol=tolerance, rtol=0)
@@ -77,11 +78,15 @@ def test_prefill_and_cached_decode_match_pytorch(tiny_models, tmp_path, which, q
         all_ids = np.concatenate([all_ids, token], axis=1)
         all_mask = np.concatenate([all_mask, np.ones((2, 1), np.int64)], axis=1)
         all_pos = np.concatenate([all_pos, all_pos[:, -1:] + 1], axis=1)
-        step_out = run_onnx(out, manifest, {"input_ids": token, "attention_mask": all_mask,
-                                            "position_ids": all_pos[:, -1:], **cache})  # fmt: skip
+        step_out = run_onnx(
+            out, manifest, {"input_ids": token, "attention_mask": all_mask, "position_ids": all_pos[:, -1:], **cache}
+        )
         cache = {k.replace("present", "past_key_values"): v for k, v in step_out.items() if k.startswith("present")}
-        uncached = run_onnx(out, manifest, {"input_ids": all_ids, "attention_mask": all_mask, "position_ids": all_pos,
-                                            **empty_cache(manifest, 2)})  # fmt: skip
+        uncached = run_onnx(
+            out,
+            manifest,
+            {"input_ids": all_ids, "attention_mask": all_mask, "position_ids": all_pos, **empty_cache(manifest, 2)},
+        )
         np.testing.assert_allclose(step_out["logits"][:, 0], uncached["logits"][:, -1], atol=tolerance, rtol=0)
         np.testing.assert_allclose(
             step_out["logits"][:, 0], torch_logits(reference, all_ids, all_mask, all_pos)[:, -1], atol=tolerance, rtol=0

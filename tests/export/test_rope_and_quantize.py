@@ -12,9 +12,17 @@ from smolexport.onnx.rope import rope_tables
 ROPE_CASES = {
     "default": {"rope_theta": 130000.0},
     "linear": {"rope_scaling": {"rope_type": "linear", "factor": 4.0}},
-    "llama3": {"rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                                        "high_freq_factor": 4.0, "original_max_position_embeddings": 64}},
-}  # fmt: skip
+    "llama3": {
+        "rope_theta": 500000.0,
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    },
+}
 
 
 @pytest.mark.parametrize("case", ROPE_CASES)
@@ -30,10 +38,17 @@ def test_rope_tables_match_transformers(case):
 
 
 def test_rope_theta_read_from_transformers5_rope_parameters():
-    config = LlamaConfig.from_dict({
-        "model_type": "llama", "hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-        "intermediate_size": 128, "vocab_size": 10, "rope_parameters": {"rope_theta": 130000.0, "rope_type": "default"},
-    })  # fmt: skip
+    config = LlamaConfig.from_dict(
+        {
+            "model_type": "llama",
+            "hidden_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "intermediate_size": 128,
+            "vocab_size": 10,
+            "rope_parameters": {"rope_theta": 130000.0, "rope_type": "default"},
+        }
+    )
     assert config.rope_theta == 130000.0
 
 

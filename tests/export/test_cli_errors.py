@@ -1,0 +1,137 @@
+"""User errors: one clear line on stderr, a non-zero exit code, no traceback, nothing half-written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from smolexport.cli import main
+from smolexport.onnx.export import OnnxExportOptions, export_onnx
+
+
+def run_cli(*args, **env):
+    result = CliRunner().invoke(main, [str(a) for a in args], env=env or None)
+    assert "Traceback" not in result.output
+    return result
+
+
+def assert_one_line_error(result, code, *fragments):
+    assert result.exit_code == code, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tiny_models, tmp_path_factory):
+    folder, _ = tiny_models["gqa_tied"]
+    out = tmp_path_factory.mktemp("exports") / "tiny-fp32"
+    export_onnx(str(folder), out, OnnxExportOptions(quant="fp32", context_length=64))
+    return out
+
+
+def test_missing_model_path(tmp_path):
+    result = run_cli("onnx", "--model", tmp_path / "nope", "--output", tmp_path / "out", "-q")
+    assert_one_line_error(result, 1, "no such file or folder")
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_llama_config(tmp_path):
+    folder = tmp_path / "gpt2"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    result = run_cli("onnx", "--model", folder, "--output", tmp_path / "out", "-q")
+    assert_one_line_error(result, 1, "unsupported architecture GPT2LMHeadModel", "Llama")
+
+
+def test_corrupt_gguf(tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 64)
+    result = run_cli("onnx", "--model", bad, "--output", tmp_path / "out", "-q")
+    assert_one_line_error(result, 1, "corrupt or unsupported GGUF file")
+    assert not (tmp_path / "out").exists()
+
+
+def test_pickle_only_folder_is_refused(tiny_models, tmp_path):
+    folder = tmp_path / "pickled"
+    shutil.copytree(tiny_models["gqa_tied"][0], folder)
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    result = run_cli("onnx", "--model", folder, "--output", tmp_path / "out", "-q")
+    assert_one_line_error(result, 1, "no .safetensors weights", "pickle")
+
+
+def test_hub_id_offline_without_cache(tmp_path):
+    result = run_cli(
+        "onnx",
+        "--model",
+        "SomeOrg/not-a-real-model-xyz",
+        "--output",
+        tmp_path / "out",
+        "-q",
+        HF_HUB_OFFLINE="1",
+        HF_HOME=str(tmp_path / "hf"),
+    )
+    assert_one_line_error(result, 1, "could not get SomeOrg/not-a-real-model-xyz from the Hugging Face Hub")
+
+
+def test_unknown_quant_is_a_usage_error(tiny_models, tmp_path):
+    result = CliRunner().invoke(
+        main, ["onnx", "--model", str(tiny_models["gqa_tied"][0]), "--quant", "int3", "--output", str(tmp_path / "out")]
+    )
+    assert result.exit_code == 2 and "int3" in result.output
+
+
+def test_existing_output_is_refused_without_force(tiny_models, tiny_export, tmp_path):
+    before = sorted(p.name for p in tiny_export.iterdir())
+    result = run_cli("onnx", "--model", tiny_models["gqa_tied"][0], "--output", tiny_export, "-q")
+    assert_one_line_error(result, 1, "already exists", "--force")
+    assert sorted(p.name for p in tiny_export.iterdir()) == before
+
+
+def test_failed_export_leaves_nothing_behind(tiny_models, tmp_path, monkeypatch):
+    import smolexport.onnx.export as export_module
+
+    def explode(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(export_module, "build_decoder", explode)
+    with pytest.raises(RuntimeError):
+        export_onnx(str(tiny_models["gqa_tied"][0]), tmp_path / "out", OnnxExportOptions(quant="int4"))
+    assert list(tmp_path.iterdir()) == []  # no output and no staging folder
+
+
+@pytest.mark.parametrize("damage", ["missing", "altered"])
+def test_damaged_export_is_reported_by_file(tiny_export, tmp_path, damage):
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_export, copy)
+    if damage == "missing":
+        (copy / "tokenizer.json").unlink()
+    else:
+        with open(copy / "model.onnx.data", "r+b") as f:
+            f.seek(100)
+            f.write(b"\x13\x37")
+    result = run_cli("run", copy, "hello", "--max-new-tokens", "2")
+    assert result.exit_code == 1
+    assert ("tokenizer.json" if damage == "missing" else "model.onnx.data") in result.output
+
+
+def test_not_an_export_folder(tmp_path):
+    result = run_cli("run", tmp_path, "hello")
+    assert result.exit_code == 1 and "smolexport.json" in result.output
+
+
+def test_prompt_over_the_context(tiny_export):
+    result = run_cli("run", tiny_export, " ".join(["w5"] * 80), "--raw")
+    assert result.exit_code == 1
+    assert "context" in result.output and "64" in result.output
+
+
+def test_validate_usage_errors(tiny_export, tmp_path):
+    bad = tmp_path / "prompts.json"
+    bad.write_text('{"not": "a list"}')
+    assert_one_line_error(run_cli("validate", tiny_export, "--prompts", bad), 2, "JSON list")
+    assert_one_line_error(run_cli("validate", tiny_export, "--threshold", "speed=3"), 2, "unknown threshold")
