@@ -34,6 +34,8 @@ class DecoderOptions:
     lm_head_bits: int | None = None  # bits for the (tied) embedding / lm_head; None = same as weight_bits
     block_size: int = 32
     context_length: int = 2048
+    fused: bool = True  # ONNX Runtime's fused contrib ops (fused.py) instead of standard ops only
+    accuracy_level: int = 0  # MatMulNBits compute type: 0 = as activations, 4 = int8 (faster, less exact)
 
 
 def kv_names(i: int) -> dict[str, str]:
@@ -69,6 +71,7 @@ class DecoderBuilder:
                 N=n,
                 bits=bits,
                 block_size=self.o.block_size,
+                accuracy_level=self.o.accuracy_level,
             )
         if bias is not None:
             y = self.g.node("Add", [y, self.g.initializer(f"{name}.bias", bias.astype(self.np_dtype))], f"{name}/bias")
@@ -247,6 +250,7 @@ class DecoderBuilder:
                 N=vocab,
                 bits=bits,
                 block_size=self.o.block_size,
+                accuracy_level=self.o.accuracy_level,
             )
 
         return embedded, lm_head
@@ -280,27 +284,16 @@ def build_decoder(
     del embed
 
     cos_table, sin_table = rope_tables(c, options.context_length)
-    cos = g.node("Gather", [g.initializer("rope.cos", cos_table.astype(b.np_dtype)), "position_ids"], "rope/cos")
-    sin = g.node("Gather", [g.initializer("rope.sin", sin_table.astype(b.np_dtype)), "position_ids"], "rope/sin")
-    cos = g.node("Unsqueeze", [cos, g.const([1])], "rope/cos_heads")  # [B, 1, S, D/2]
-    sin = g.node("Unsqueeze", [sin, g.const([1])], "rope/sin_heads")
-    mask_bias = b.attention_mask_bias()
+    if options.fused:
+        x = _fused_layers(b, x, cos_table, sin_table, get_weight, on_layer)
+    else:
+        x = _standard_layers(b, x, cos_table, sin_table, get_weight, on_layer)
 
-    for i in range(c.num_hidden_layers):
-        prefix = f"model.layers.{i}."
-        attn = {key: get_weight(f"{prefix}self_attn.{key}_proj.weight") for key in "qkvo"}
-        attn |= {f"{key}_bias": get_weight(f"{prefix}self_attn.{key}_proj.bias") for key in "qkvo"}
-        h = b.rms_norm(x, get_weight(f"{prefix}input_layernorm.weight"), f"layers.{i}.input_norm")
-        x = g.node("Add", [x, b.attention(i, h, attn, cos, sin, mask_bias)], f"layers.{i}.attn_residual")
-        del attn
-        mlp = {key: get_weight(f"{prefix}mlp.{key}_proj.weight") for key in ("gate", "up", "down")}
-        mlp |= {f"{key}_bias": get_weight(f"{prefix}mlp.{key}_proj.bias") for key in ("gate", "up", "down")}
-        h = b.rms_norm(x, get_weight(f"{prefix}post_attention_layernorm.weight"), f"layers.{i}.post_attn_norm")
-        x = g.node("Add", [x, b.mlp(i, h, mlp)], f"layers.{i}.mlp_residual")
-        del mlp
-        on_layer(i)
-
-    x = b.rms_norm(x, get_weight("model.norm.weight"), "final_norm")
+    # Prefill only needs the last position's logits: `logits_to_keep` (default 0 = all) keeps the last k.
+    keep = g.initializer("logits_to_keep", np.array([0], dtype=np.int64))
+    g.input("logits_to_keep", TensorProto.INT64, [1])
+    x = g.node("Slice", [x, g.node("Neg", [keep], "logits_to_keep/start"), g.const([2**62]), g.const([1])],
+               "logits_to_keep/slice")  # fmt: skip
     if lm_head_weight is None:
         logits = tied_lm_head(x)
     else:  # untied: a separate [vocab, hidden] matrix
@@ -308,8 +301,54 @@ def build_decoder(
     if b.np_dtype != np.float32:
         logits = g.node("Cast", [logits], "logits/f32", to=TensorProto.FLOAT)
     g.node_to("Identity", [logits], ["logits"])
-    g.output("logits", TensorProto.FLOAT, ["batch", "seq", c.vocab_size])
+    g.output("logits", TensorProto.FLOAT, ["batch", "kept_seq", c.vocab_size])
     for i in range(c.num_hidden_layers):
         io = kv_names(i)
         for key in ("present_key", "present_value"):
             g.output(io[key], float_type, ["batch", c.num_key_value_heads, "total_seq", c.head_dim])
+
+
+def _layer_weights(get_weight, i: int) -> tuple[dict, dict, np.ndarray, np.ndarray]:
+    prefix = f"model.layers.{i}."
+    attn = {key: get_weight(f"{prefix}self_attn.{key}_proj.weight") for key in "qkvo"}
+    attn |= {f"{key}_bias": get_weight(f"{prefix}self_attn.{key}_proj.bias") for key in "qkvo"}
+    mlp = {key: get_weight(f"{prefix}mlp.{key}_proj.weight") for key in ("gate", "up", "down")}
+    mlp |= {f"{key}_bias": get_weight(f"{prefix}mlp.{key}_proj.bias") for key in ("gate", "up", "down")}
+    norms = get_weight(f"{prefix}input_layernorm.weight"), get_weight(f"{prefix}post_attention_layernorm.weight")
+    return attn, mlp, *norms
+
+
+def _standard_layers(b: DecoderBuilder, x: str, cos_table, sin_table, get_weight, on_layer) -> str:
+    """Standard ONNX ops only (plus MatMulNBits for quantized weights); returns the final-normed hidden state."""
+    g = b.g
+    cos = g.node("Gather", [g.initializer("rope.cos", cos_table.astype(b.np_dtype)), "position_ids"], "rope/cos")
+    sin = g.node("Gather", [g.initializer("rope.sin", sin_table.astype(b.np_dtype)), "position_ids"], "rope/sin")
+    cos = g.node("Unsqueeze", [cos, g.const([1])], "rope/cos_heads")  # [B, 1, S, D/2]
+    sin = g.node("Unsqueeze", [sin, g.const([1])], "rope/sin_heads")
+    mask_bias = b.attention_mask_bias()
+    for i in range(b.c.num_hidden_layers):
+        attn, mlp, input_norm, post_attn_norm = _layer_weights(get_weight, i)
+        h = b.rms_norm(x, input_norm, f"layers.{i}.input_norm")
+        x = g.node("Add", [x, b.attention(i, h, attn, cos, sin, mask_bias)], f"layers.{i}.attn_residual")
+        h = b.rms_norm(x, post_attn_norm, f"layers.{i}.post_attn_norm")
+        x = g.node("Add", [x, b.mlp(i, h, mlp)], f"layers.{i}.mlp_residual")
+        del attn, mlp
+        on_layer(i)
+    return b.rms_norm(x, get_weight("model.norm.weight"), "final_norm")
+
+
+def _fused_layers(b: DecoderBuilder, x: str, cos_table, sin_table, get_weight, on_layer) -> str:
+    """ONNX Runtime's fused contrib ops (see fused.py); returns the final-normed hidden state."""
+    from .fused import FusedLayers
+
+    fused = FusedLayers(b, cos_table, sin_table)
+    pending, residual = None, x
+    for i in range(b.c.num_hidden_layers):
+        attn, mlp, input_norm, post_attn_norm = _layer_weights(get_weight, i)
+        h, residual = fused.add_and_norm(pending, residual, input_norm, f"layers.{i}.input_norm")
+        pending = fused.attention(i, h, attn)
+        h, residual = fused.add_and_norm(pending, residual, post_attn_norm, f"layers.{i}.post_attn_norm")
+        pending = fused.mlp(i, h, mlp)
+        del attn, mlp
+        on_layer(i)
+    return fused.add_and_norm(pending, residual, get_weight("model.norm.weight"), "final_norm")[0]

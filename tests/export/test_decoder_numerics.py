@@ -20,11 +20,12 @@ def run_onnx(folder, manifest, feed):
     return dict(zip(names, session.run(None, feed), strict=True))
 
 
-def left_padded_batch(vocab: int, seed: int = 1):
+def prompt_batch(vocab: int, padded: bool, seed: int = 1):
     rng = np.random.default_rng(seed)
     ids = rng.integers(3, vocab, size=(2, 9))
     mask = np.ones_like(ids)
-    mask[1, :3] = 0  # the second row is a shorter prompt, left-padded
+    if padded:
+        mask[1, :3] = 0  # the second row is a shorter prompt, left-padded
     positions = np.clip(mask.cumsum(axis=1) - 1, 0, None)
     return ids, mask, positions
 
@@ -51,17 +52,20 @@ def quantized_copy(model, bits: int, block: int, lm_head_bits: int | None = None
     return q
 
 
+@pytest.mark.parametrize("graph", ["fused", "standard"])
 @pytest.mark.parametrize("which", ["gqa_tied", "mha_untied"])
 @pytest.mark.parametrize("quant", ["fp32", "fp16", "int8", "int4"])
-def test_prefill_and_cached_decode_match_pytorch(tiny_models, tmp_path, which, quant):
+def test_prefill_and_cached_decode_match_pytorch(tiny_models, tmp_path, which, quant, graph):
     folder, model = tiny_models[which]
     out = tmp_path / "export"
-    manifest = export_onnx(str(folder), out, OnnxExportOptions(quant=quant, block_size=32))
+    options = OnnxExportOptions(quant=quant, block_size=32, fused=graph == "fused")
+    manifest = export_onnx(str(folder), out, options)
     reference = model if quant in ("fp32", "fp16") else quantized_copy(model, {"int8": 8, "int4": 4}[quant], 32)
     tolerance = {"fp32": 1e-4, "fp16": 5e-2, "int8": 1e-3, "int4": 1e-3}[quant]
     vocab = model.config.vocab_size
 
-    ids, mask, positions = left_padded_batch(vocab)
+    # The standard graph handles left-padded batches; the fused one needs unpadded rows (see fused.py).
+    ids, mask, positions = prompt_batch(vocab, padded=graph == "standard")
     outputs = run_onnx(
         out, manifest, {"input_ids": ids, "attention_mask": mask, "position_ids": positions, **empty_cache(manifest, 2)}
     )
@@ -79,8 +83,17 @@ def test_prefill_and_cached_decode_match_pytorch(tiny_models, tmp_path, which, q
         all_mask = np.concatenate([all_mask, np.ones((2, 1), np.int64)], axis=1)
         all_pos = np.concatenate([all_pos, all_pos[:, -1:] + 1], axis=1)
         step_out = run_onnx(
-            out, manifest, {"input_ids": token, "attention_mask": all_mask, "position_ids": all_pos[:, -1:], **cache}
+            out,
+            manifest,
+            {
+                "input_ids": token,
+                "attention_mask": all_mask,
+                "position_ids": all_pos[:, -1:],
+                **cache,
+                "logits_to_keep": np.array([1]),
+            },
         )
+        assert step_out["logits"].shape == (2, 1, vocab)
         cache = {k.replace("present", "past_key_values"): v for k, v in step_out.items() if k.startswith("present")}
         uncached = run_onnx(
             out,

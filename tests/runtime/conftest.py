@@ -69,7 +69,7 @@ class StubDecoder:
     def empty_cache(self, batch: int = 1) -> list[np.ndarray]:
         return [np.zeros((batch, 1, 0, 2), np.float32) for _ in range(2 * self.num_layers)]
 
-    def forward(self, input_ids, attention_mask, position_ids, past):
+    def forward(self, input_ids, attention_mask, position_ids, past, logits_to_keep=0):
         batch, seq = input_ids.shape
         past_len = past[0].shape[2]
         assert input_ids.dtype == attention_mask.dtype == position_ids.dtype == np.int64
@@ -80,7 +80,7 @@ class StubDecoder:
         logits = np.stack(rows)[None].astype(np.float32)
         new = np.broadcast_to(input_ids[:, None, :, None], (batch, 1, seq, 2)).astype(np.float32)
         present = [np.concatenate([p, new], axis=2) for p in past]
-        return logits, present
+        return (logits[:, -logits_to_keep:] if logits_to_keep else logits), present
 
 
 def one_hot(token: int, scale: float = 10.0) -> np.ndarray:

@@ -73,14 +73,14 @@ def test_low_level_forward_with_left_padding(model):
     mask = np.array([[0, 1], [1, 1]], dtype=np.int64)
     logits, cache = decoder.forward(input_ids, mask, position_ids_from_mask(mask, 2), past)
     assert logits.shape == (2, 2, VOCAB_SIZE) and logits.dtype == np.float32
-    assert [p.shape for p in cache] == [(2, 2, 2, 4)] * 4
+    assert [p.shape() for p in cache] == [[2, 2, 2, 4]] * 4
     assert list(np.argmax(logits[:, -1], axis=-1)) == [ord("r"), ord("r")]
     # One decode step on top of the padded batch.
     mask = np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)
     step = np.array([[ord("r")], [ord("r")]], dtype=np.int64)
     logits, grown = decoder.forward(step, mask, position_ids_from_mask(mask, 1), cache)
     assert list(np.argmax(logits[:, -1], axis=-1)) == [ord("i"), ord("i")]
-    assert grown[0].shape == (2, 2, 3, 4)
+    assert grown[0].shape() == [2, 2, 3, 4]
     # The graph's self-check is live: row 0 has one padding slot, so its position must be 1, not 2.
     logits, _ = decoder.forward(step, mask, np.array([[2], [2]], dtype=np.int64), cache)
     assert np.argmax(logits[0, -1]) == ERROR_TOKEN

@@ -20,8 +20,8 @@ from .detokenize import StreamingDetokenizer
 from .errors import ContextLengthError
 from .sampling import Sampler
 
-# The graph returns logits for every input position, so a long prompt in one call would need
-# seq * vocab * 4 bytes (8k tokens x 49k vocab = 1.6 GB); chunks bound that at ~100 MB.
+# Older graphs (without `logits_to_keep`) return logits for every input position, so a long prompt in one
+# call would need seq * vocab * 4 bytes (8k tokens x 49k vocab = 1.6 GB); chunks bound that at ~100 MB.
 PREFILL_CHUNK = 512
 
 FinishReason = Literal["stop", "length"]
@@ -35,8 +35,9 @@ class Decoder(Protocol):
         input_ids: np.ndarray,
         attention_mask: np.ndarray,
         position_ids: np.ndarray,
-        past: Sequence[np.ndarray],
-    ) -> tuple[np.ndarray, list[np.ndarray]]: ...
+        past: Sequence,
+        logits_to_keep: int = 0,
+    ) -> tuple[np.ndarray, list]: ...
 
 
 @dataclass
@@ -72,7 +73,7 @@ def prefill(
         end = length + chunk.shape[1]
         mask = np.ones((1, end), dtype=np.int64)
         positions = np.arange(length, end, dtype=np.int64)[None, :]
-        logits, cache = decoder.forward(chunk, mask, positions, cache)
+        logits, cache = decoder.forward(chunk, mask, positions, cache, logits_to_keep=1)
         length = end
     return logits[0, -1], cache, length
 

@@ -1,8 +1,10 @@
 """The onnxruntime session behind a model: provider choice, session options, and a thin forward call.
 
-The cache is a flat list `[key 0, value 0, key 1, value 1, ...]` of numpy arrays shaped
-`[batch, kv_heads, seq, head_dim]`, the same order in which `forward` returns the presents, so a decode
-step simply feeds back what the previous step returned.
+The cache is a flat list `[key 0, value 0, key 1, value 1, ...]` shaped `[batch, kv_heads, seq, head_dim]`,
+the same order in which `forward` returns the presents, so a decode step simply feeds back what the previous
+step returned. `forward` returns the presents as onnxruntime OrtValues bound through IO binding: they stay
+where the execution provider put them (on the GPU with CUDA) and go back in without a copy through numpy.
+`empty_cache` gives numpy arrays, and `forward` accepts either.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ PROVIDER_ALIASES = {
 }
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
+# Inputs a graph may have beyond the contract: `logits_to_keep` (default 0 = logits for all positions).
+OPTIONAL_INPUTS = ("logits_to_keep",)
 # onnxruntime's names for the cache element types the manifest allows.
 ORT_KV_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)"}
 
@@ -111,13 +115,16 @@ class OnnxDecoder:
             )
         self.providers = active
         self._check_graph(manifest.kv_dtype)
+        self.keeps_logits = any(i.name == "logits_to_keep" for i in self.session.get_inputs())
+        # Presents stay on the device that computed them; the next step reads them there.
+        self.cache_device = "cuda" if active[0] == CUDA else "cpu"
 
     def _check_graph(self, kv_dtype: str) -> None:
         """Fails at load, not at the first token, when the graph does not match its manifest."""
         inputs = {i.name: i for i in self.session.get_inputs()}
         expected = ["input_ids", "attention_mask", "position_ids", *self.past_names]
         missing = [n for n in expected if n not in inputs]
-        unknown = [n for n in inputs if n not in expected]
+        unknown = [n for n in inputs if n not in expected and n not in OPTIONAL_INPUTS]
         outputs = {o.name for o in self.session.get_outputs()}
         missing_out = [n for n in self.output_names if n not in outputs]
         if missing or unknown or missing_out:
@@ -148,12 +155,28 @@ class OnnxDecoder:
         input_ids: np.ndarray,
         attention_mask: np.ndarray,
         position_ids: np.ndarray,
-        past: Sequence[np.ndarray],
-    ) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Runs the graph once: returns logits [batch, seq, vocab] and the grown cache."""
-        feed = dict(zip(self.past_names, past, strict=True))
-        feed["input_ids"] = input_ids
-        feed["attention_mask"] = attention_mask
-        feed["position_ids"] = position_ids
-        logits, *present = self.session.run(self.output_names, feed)
-        return logits, present
+        past: Sequence[np.ndarray | ort.OrtValue],
+        logits_to_keep: int = 0,
+    ) -> tuple[np.ndarray, list[ort.OrtValue]]:
+        """Runs the graph once: returns logits [batch, seq or logits_to_keep, vocab] and the grown cache.
+
+        `logits_to_keep=1` asks for the last position's logits only (prefill needs no more); graphs without
+        that input return all positions and the caller takes the last.
+        """
+        binding = self.session.io_binding()
+        for name, value in (("input_ids", input_ids), ("attention_mask", attention_mask),
+                            ("position_ids", position_ids)):  # fmt: skip
+            binding.bind_cpu_input(name, value)
+        if logits_to_keep and self.keeps_logits:
+            binding.bind_cpu_input("logits_to_keep", np.array([logits_to_keep], dtype=np.int64))
+        for name, value in zip(self.past_names, past, strict=True):
+            if isinstance(value, np.ndarray):
+                binding.bind_cpu_input(name, value)
+            else:
+                binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits", "cpu")
+        for name in self.output_names[1:]:
+            binding.bind_output(name, self.cache_device)
+        self.session.run_with_iobinding(binding)
+        logits, *present = binding.get_outputs()
+        return logits.numpy(), present

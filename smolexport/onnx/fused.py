@@ -1,0 +1,70 @@
+"""The fused layer variant: ONNX Runtime contrib ops that replace dozens of small nodes per layer.
+
+- `GroupQueryAttention` (com.microsoft) does RoPE, the KV-cache append, causal attention and GQA in one node,
+  reading the packed QKV projection. It derives each sequence's length from `attention_mask`
+  (seqlens_k = real tokens - 1), so rows of a batch must not be padded: the runtime generates one sequence
+  at a time. The standard-ops graph (`--standard-ops`) handles left-padded batches.
+- `SkipSimplifiedLayerNormalization` fuses each residual add with the following RMSNorm.
+- q/k/v and gate/up projections are packed into one matrix each: one MatMulNBits instead of three or two.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from onnx import TensorProto
+
+from .graph import MS_DOMAIN
+
+
+class FusedLayers:
+    def __init__(self, builder, cos_table: np.ndarray, sin_table: np.ndarray):
+        self.b, self.g, self.c = builder, builder.g, builder.c
+        g = self.g
+        total = g.node("Gather", [g.node("Shape", ["attention_mask"], "gqa/mask_shape"), g.const(1)], "gqa/total")
+        self.total_length = g.node("Cast", [total], "gqa/total_i32", to=TensorProto.INT32)
+        lengths = g.node("ReduceSum", ["attention_mask", g.const([1])], "gqa/lengths", keepdims=0)
+        lengths = g.node("Sub", [lengths, g.const(1)], "gqa/lengths_minus_1")
+        self.seqlens_k = g.node("Cast", [lengths], "gqa/seqlens_k", to=TensorProto.INT32)
+        self.cos = g.initializer("rope.cos", cos_table.astype(builder.np_dtype))
+        self.sin = g.initializer("rope.sin", sin_table.astype(builder.np_dtype))
+
+    def add_and_norm(self, pending: str | None, residual: str, weight: np.ndarray, name: str) -> tuple[str, str]:
+        """(RMSNorm(pending + residual), pending + residual); without `pending`, just RMSNorm(residual)."""
+        g, eps = self.g, self.c.rms_norm_eps
+        if pending is None:  # once per model: standard ops (SimplifiedLayerNormalization is not in the ONNX spec)
+            return self.b.rms_norm(residual, weight, name), residual
+        gamma = g.initializer(f"{name}.weight", weight.astype(self.b.np_dtype))
+        normed, _, _, summed = g.node(
+            "SkipSimplifiedLayerNormalization", [pending, residual, gamma], name, n_outputs=4, domain=MS_DOMAIN,
+            epsilon=eps,
+        )  # fmt: skip
+        return normed, summed
+
+    def attention(self, i: int, x: str, w: dict) -> str:
+        from .decoder import kv_names
+
+        b, g, c, name = self.b, self.g, self.c, f"layers.{i}.attn"
+        qkv_weight = np.concatenate([w["q"], w["k"], w["v"]], axis=0)
+        biases = [w.get(f"{k}_bias") for k in "qkv"]
+        qkv_bias = None if biases[0] is None else np.concatenate(biases)
+        qkv = b.linear(x, f"{name}.qkv_proj", qkv_weight, qkv_bias, b.o.weight_bits)
+        io = kv_names(i)
+        g.node_to(
+            "GroupQueryAttention",
+            [qkv, "", "", io["past_key"], io["past_value"], self.seqlens_k, self.total_length, self.cos, self.sin],
+            [f"{name}/context", io["present_key"], io["present_value"]],
+            domain=MS_DOMAIN, num_heads=c.num_attention_heads, kv_num_heads=c.num_key_value_heads,
+            scale=float(1.0 / np.sqrt(c.head_dim)), do_rotary=1, rotary_interleaved=0,
+        )  # fmt: skip
+        return b.linear(f"{name}/context", f"{name}.o_proj", w["o"], w.get("o_bias"), b.o.weight_bits)
+
+    def mlp(self, i: int, x: str, w: dict) -> str:
+        b, g, name = self.b, self.g, f"layers.{i}.mlp"
+        f = w["gate"].shape[0]
+        biases = [w.get("gate_bias"), w.get("up_bias")]
+        bias = None if biases[0] is None else np.concatenate(biases)
+        gate_up = b.linear(x, f"{name}.gate_up_proj", np.concatenate([w["gate"], w["up"]]), bias, b.o.weight_bits)
+        gate, up = g.node("Split", [gate_up, g.const([f, f])], f"{name}/split", n_outputs=2, axis=-1)
+        act = g.node("Mul", [gate, g.node("Sigmoid", [gate], f"{name}/sigmoid")], f"{name}/silu")
+        return b.linear(g.node("Mul", [act, up], f"{name}/gated"), f"{name}.down_proj", w["down"],
+                        w.get("down_bias"), b.o.weight_bits)  # fmt: skip
