@@ -162,13 +162,53 @@ def run_command(
     help="Override a bound, e.g. top1_agreement=0.9 (repeatable).",
 )
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the report here.")
+@click.option(
+    "--markdown", "markdown_out", type=click.Path(path_type=Path), default=None, help="Write a Markdown report here."
+)
+@click.option(
+    "--baseline",
+    "baseline_file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="A previous --json report: also fail if fidelity or latency regressed past it.",
+)
+@click.option(
+    "--max-top1-drop", type=click.FloatRange(0), default=0.01, show_default=True, help="With --baseline: absolute."
+)
+@click.option(
+    "--max-kl-increase",
+    type=click.FloatRange(0),
+    default=0.25,
+    show_default=True,
+    help="With --baseline: relative (0.25 = +25%, plus 1e-4).",
+)
+@click.option(
+    "--max-ppl-increase",
+    type=click.FloatRange(0),
+    default=0.01,
+    show_default=True,
+    help="With --baseline: absolute, on the perplexity ratio.",
+)
+@click.option(
+    "--max-latency-increase",
+    type=click.FloatRange(0),
+    default=0.5,
+    show_default=True,
+    help="With --baseline: relative, on prefill and per-token decode time; 'inf' ignores latency.",
+)
 @click.option("--quiet", "-q", is_flag=True)
 @user_errors
-def validate_command(export_dir, reference, prompts_file, text_file, max_new_tokens, thresholds, json_out, quiet):
+def validate_command(
+    export_dir, reference, prompts_file, text_file, max_new_tokens, thresholds, json_out, markdown_out, baseline_file,
+    max_top1_drop, max_kl_increase, max_ppl_increase, max_latency_increase, quiet,
+):  # fmt: skip
     """Compare an export with its PyTorch original; exit 0 if it passes, 1 if not, 2 on usage errors."""
     from .validate import validate_export
+    from .validate.baseline import Tolerances, baseline_summary, compare, load_baseline
     from .validate.thresholds import parse_overrides
 
+    tolerances = Tolerances(max_top1_drop, max_kl_increase, max_ppl_increase, max_latency_increase)
+    baseline = load_baseline(baseline_file) if baseline_file else None  # a bad baseline fails before the work
     report = validate_export(
         export_dir,
         reference=reference,
@@ -178,11 +218,23 @@ def validate_command(export_dir, reference, prompts_file, text_file, max_new_tok
         thresholds=parse_overrides(thresholds),
         progress=Progress(not quiet),
     )
+    if baseline is not None:
+        report.baseline = {"file": str(baseline_file), **compare(report.to_dict(), baseline, tolerances)}
     if json_out:
         report.write_json(json_out)
+    if markdown_out:
+        report.write_markdown(markdown_out)
     click.echo(report.summary())
-    sys.exit(0 if report.passed else 1)
+    if report.baseline is not None:
+        click.echo(baseline_summary(report.baseline, baseline_file))
+    regressed = report.baseline is not None and not report.baseline["passed"]
+    sys.exit(0 if report.passed and not regressed else 1)
 
+
+from .apps_cli import chat_command, serve_command  # noqa: E402  # the sample apps (smolexport serve / chat)
+
+main.add_command(serve_command)
+main.add_command(chat_command)
 
 if __name__ == "__main__":
     main()

@@ -35,6 +35,8 @@ class ValidationReport:
     overall: dict[str, float]
     checks: list[dict[str, Any]]
     seconds: float
+    latency: dict[str, Any] = field(default_factory=dict)
+    baseline: dict[str, Any] | None = None  # a comparison with a stored report (see baseline.py), when asked
     passed: bool = field(init=False)
 
     def __post_init__(self):
@@ -51,6 +53,8 @@ class ValidationReport:
             "prompts": self.prompts,
             "text": self.text,
             "seconds": round(self.seconds, 1),
+            "latency": self.latency,
+            **({"baseline": self.baseline} if self.baseline is not None else {}),
         }
 
     def write_json(self, path: Path) -> None:
@@ -67,6 +71,12 @@ class ValidationReport:
             f"  perplexity: reference {self.text['ppl_reference']:.3f}, export {self.text['ppl_export']:.3f}, "
             f"ratio {o['ppl_ratio']:.4f}",
         ]
+        if self.latency:
+            lat = self.latency
+            lines.append(
+                f"  latency: prefill {lat['prefill_ms']:.1f} ms (median prompt {lat['prefill_tokens']} tokens), "
+                f"decode {lat['decode_ms_per_token']:.2f} ms/token ({lat['decode_tokens_per_s']:.1f} tokens/s)"
+            )
         for c in self.checks:
             op = "<=" if c["kind"] == "max" else ">="
             lines.append(
@@ -74,6 +84,70 @@ class ValidationReport:
             )
         lines.append("PASSED" if self.passed else "FAILED")
         return "\n".join(lines)
+
+    def to_markdown(self) -> str:
+        """The report as Markdown, e.g. for a CI job summary or a pull-request comment."""
+        o = self.overall
+        lines = [
+            f"## smolexport validation: {'passed' if self.passed else 'FAILED'}",
+            "",
+            f"Export `{self.export}` ({self.quant}) against `{self.reference}`, {len(self.prompts)} prompts, "
+            f"{o['positions']} tokens compared, {self.seconds:.0f} s.",
+            "",
+            "| check | value | bound | result |",
+            "|---|---|---|---|",
+        ]
+        for c in self.checks:
+            op = "≤" if c["kind"] == "max" else "≥"
+            lines.append(
+                f"| {c['metric']} | {c['value']:.4g} | {op} {c['limit']:g} | {'pass' if c['passed'] else '**FAIL**'} |"
+            )
+        greedy = sum(p["greedy_identical"] for p in self.prompts)
+        lines += [
+            "",
+            "| metric | value |",
+            "|---|---|",
+            f"| top-1 agreement | {o['top1_agreement']:.4f} |",
+            f"| mean KL (nats) | {o['mean_kl']:.3g} |",
+            f"| max / mean abs logit diff | {o['max_abs_logit_diff']:.3g} / {o['mean_abs_logit_diff']:.3g} |",
+            f"| perplexity (reference, export, ratio) | {self.text['ppl_reference']:.3f}, "
+            f"{self.text['ppl_export']:.3f}, {o['ppl_ratio']:.4f} |",
+            f"| greedy identical | {greedy}/{len(self.prompts)} prompts |",
+        ]
+        if self.latency:
+            lat = self.latency
+            lines += [
+                f"| prefill | {lat['prefill_ms']:.1f} ms (median prompt, {lat['prefill_tokens']} tokens) |",
+                f"| decode | {lat['decode_ms_per_token']:.2f} ms/token ({lat['decode_tokens_per_s']:.1f} tokens/s) |",
+            ]
+        if self.baseline is not None:
+            from .baseline import baseline_markdown
+
+            lines += ["", baseline_markdown(self.baseline)]
+        lines += [
+            "",
+            "<details><summary>Per prompt</summary>",
+            "",
+            "| prompt | tokens | top-1 | mean KL | greedy match |",
+            "|---|---|---|---|---|",
+        ]
+        for p in self.prompts:
+            lines.append(
+                f"| {_md_cell(p['prompt'], 60)} | {p['prompt_tokens']} | {p['top1_agreement']:.3f} | "
+                f"{p['mean_kl']:.3g} | {p['greedy_match']}/{p['positions']} |"
+            )
+        lines += ["", "</details>", ""]
+        return "\n".join(lines)
+
+    def write_markdown(self, path: Path) -> None:
+        Path(path).write_text(self.to_markdown())
+
+
+def _md_cell(text: str, limit: int) -> str:
+    text = " ".join(str(text).split())
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return text.replace("|", "\\|")
 
 
 def validate_export(
@@ -103,6 +177,8 @@ def validate_export(
         raise SmolexportError(f"reference {reference} does not match the export (vocabulary size differs)")
     eos_ids = sorted(export.eos_token_ids)
 
+    timings = _Timings()
+    _warm_up(export.decoder)
     prompt_results, comparisons = [], []
     for n, prompt in enumerate(prompts, 1):
         progress.count("prompts", n, len(prompts))
@@ -110,7 +186,7 @@ def validate_export(
         continuation = _reference_greedy(torch_model, prompt_ids, max_new_tokens, eos_ids)
         tokens = np.array(prompt_ids + continuation)
         ref_logits = _torch_logits(torch_model, tokens)[len(prompt_ids) - 1 : -1]
-        exp_logits = _export_logits_cached(export.decoder, prompt_ids, continuation)
+        exp_logits = _export_logits_cached(export.decoder, prompt_ids, continuation, timings)
         comparison = compare_logits(ref_logits, exp_logits, np.array(continuation))
         comparisons.append(comparison)
         prompt_results.append(
@@ -157,6 +233,7 @@ def validate_export(
         overall=overall,
         checks=checks,
         seconds=time.perf_counter() - started,
+        latency=timings.summary(export.decoder),
     )
 
 
@@ -216,20 +293,66 @@ def _export_logits_uncached(decoder, ids: list[int]) -> np.ndarray:
     return logits[0]
 
 
-def _export_logits_cached(decoder, prompt_ids: list[int], continuation: list[int]) -> np.ndarray:
+def _export_logits_cached(
+    decoder, prompt_ids: list[int], continuation: list[int], timings: _Timings | None = None
+) -> np.ndarray:
     """Logits predicting each continuation token: prefill the prompt, then feed the continuation one by one."""
+    timings = timings if timings is not None else _Timings()
     n = len(prompt_ids)
+    start = time.perf_counter()
     logits, cache = decoder.forward(
         np.array([prompt_ids], dtype=np.int64),
         np.ones((1, n), np.int64),
         np.arange(n, dtype=np.int64)[None, :],
         decoder.empty_cache(1),
     )
+    timings.prefill(n, time.perf_counter() - start)
     rows = [logits[0, -1]]
     for token in continuation[:-1]:
+        start = time.perf_counter()
         logits, cache = decoder.forward(
             np.array([[token]], dtype=np.int64), np.ones((1, n + 1), np.int64), np.array([[n]], dtype=np.int64), cache
         )
+        timings.decode(time.perf_counter() - start)
         rows.append(logits[0, -1])
         n += 1
     return np.stack(rows)
+
+
+# --- latency -------------------------------------------------------------------------------------
+
+
+class _Timings:
+    """Wall time of the export's ONNX calls during validation: the prompt prefills and the cached decode steps.
+    Medians, so one slow call (a page fault, another process) does not move the result."""
+
+    def __init__(self) -> None:
+        self.prefills: list[tuple[int, float]] = []
+        self.decodes: list[float] = []
+
+    def prefill(self, tokens: int, seconds: float) -> None:
+        self.prefills.append((tokens, seconds))
+
+    def decode(self, seconds: float) -> None:
+        self.decodes.append(seconds)
+
+    def summary(self, decoder=None) -> dict[str, Any]:
+        if not self.prefills:
+            return {}
+        decode_ms = float(np.median(self.decodes)) * 1e3 if self.decodes else float("nan")
+        session = getattr(decoder, "session", None)
+        return {
+            "prefill_ms": round(float(np.median([s for _, s in self.prefills])) * 1e3, 3),
+            "prefill_tokens": int(np.median([t for t, _ in self.prefills])),
+            "decode_ms_per_token": round(decode_ms, 3),
+            "decode_tokens_per_s": round(1e3 / decode_ms, 1) if self.decodes else 0.0,
+            "decode_steps": len(self.decodes),
+            "providers": list(session.get_providers()) if session is not None else [],
+        }
+
+
+def _warm_up(decoder) -> None:
+    """One short call first: onnxruntime's first run allocates and plans, which is not what an app sees after."""
+    decoder.forward(
+        np.array([[0]], dtype=np.int64), np.ones((1, 1), np.int64), np.zeros((1, 1), np.int64), decoder.empty_cache(1)
+    )

@@ -1,0 +1,142 @@
+"""`smolexport chat` (driven through stdin) and `smolexport serve` (a real process), and the promise that the
+apps run without torch."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+from click.testing import CliRunner
+
+from smolexport.cli import main
+
+from .conftest import REPO
+
+SYSTEM = "w9 w10"
+
+
+def chat(args, stdin):
+    return CliRunner().invoke(main, ["chat", *args], input=stdin, catch_exceptions=False)
+
+
+def answer(model, messages, n=8):
+    return model.generate(messages, max_new_tokens=n, temperature=0)
+
+
+def test_chat_keeps_history_and_resets(tiny_export, tiny_model):
+    result = chat(
+        [str(tiny_export), "--temperature", "0", "--max-new-tokens", "8", "--system", SYSTEM],
+        "w5 w6\nw77 w78\n/reset\nw5 w6\n/exit\nw1 w2\n",
+    )
+    assert result.exit_code == 0, result.output
+    system = [{"role": "system", "content": SYSTEM}]
+    first = answer(tiny_model, system + [{"role": "user", "content": "w5 w6"}])
+    turn2 = system + [
+        {"role": "user", "content": "w5 w6"},
+        {"role": "assistant", "content": first},
+        {"role": "user", "content": "w77 w78"},
+    ]
+    second = answer(tiny_model, turn2)
+    alone = answer(tiny_model, system + [{"role": "user", "content": "w77 w78"}])
+    assert second != alone  # the history changes the answer, so the check below shows it was used
+    out = result.output
+    positions = [out.index(first), out.index(second, out.index(first) + len(first))]
+    assert positions == sorted(positions)
+    assert "(new conversation)" in out
+    after_reset = out[out.index("(new conversation)") :]
+    assert first in after_reset  # same question after /reset: the same answer as the first time
+    assert answer(tiny_model, system + [{"role": "user", "content": "w1 w2"}]) not in after_reset  # /exit stopped it
+
+
+def test_chat_ends_at_end_of_input_and_trims_long_conversations(tiny_export):
+    # The tiny model's context is 256 tokens: 20 turns do not fit, so the oldest turns must be dropped.
+    lines = "".join(f"w{10 + i} w{40 + i} w{70 + i}\n" for i in range(20))
+    result = chat([str(tiny_export), "--max-new-tokens", "12", "--seed", "1"], lines)
+    assert result.exit_code == 0, result.output
+    assert "error" not in result.output and result.output.count("\n> ") >= 20
+
+
+def test_chat_system_command_and_errors(tiny_export):
+    result = chat([str(tiny_export), "--temperature", "0"], "/system w3 w4\n/help\n" + "w5 " * 300 + "\nw6\n")
+    assert result.exit_code == 0, result.output
+    assert "(system prompt set; new conversation)" in result.output
+    assert "error: the prompt is" in result.output  # too long for the context: reported, the chat goes on
+    missing = CliRunner().invoke(main, ["chat", str(tiny_export / "nope")])
+    assert missing.exit_code == 1 and missing.output.startswith("error: ") and "Traceback" not in missing.output
+
+
+def run_cli(args, **kwargs):
+    exe = [sys.executable, "-c", "from smolexport.cli import main; main()", *args]
+    # From another directory: the CLI must find sample_apps/ by itself.
+    return subprocess.run(exe, cwd=REPO.parent, capture_output=True, text=True, timeout=60, **kwargs)
+
+
+def test_chat_command_in_a_real_process(tiny_export):
+    result = run_cli(["chat", str(tiny_export), "--temperature", "0", "--max-new-tokens", "4"], input="w5\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("commands:") and result.stdout.count("w") >= 4
+
+
+def test_serve_command(tiny_export):
+    cmd = [sys.executable, "-c", "from smolexport.cli import main; main()", "serve", str(tiny_export)]
+    proc = subprocess.Popen([*cmd, "--port", "0", "--api-key", "k"], cwd=REPO.parent, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline()
+        match = re.search(r"at (http://127\.0\.0\.1:\d+/v1)", line)
+        assert match, line
+        request = urllib.request.Request(
+            match.group(1) + "/chat/completions",
+            data=json.dumps(
+                {"model": tiny_export.name, "messages": [{"role": "user", "content": "w5"}], "max_tokens": 3}
+            ).encode(),
+            headers={"Authorization": "Bearer k", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            assert json.load(response)["usage"]["completion_tokens"] == 3
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(10)
+    assert proc.returncode == 0
+
+
+def test_serve_reports_a_port_in_use(tiny_export):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli(["serve", str(tiny_export), "--port", str(port)])
+    assert result.returncode == 1 and result.stderr.startswith("error: cannot listen on 127.0.0.1:")
+    assert "Traceback" not in result.stderr
+
+
+def test_apps_do_not_import_torch():
+    modules = ["sample_apps.openai_server.server", "sample_apps.terminal_chat.chat", "smolexport.apps_cli"]
+    try:
+        import PySide6.QtWidgets  # noqa: F401
+
+        modules.append("sample_apps.desktop_chat.app")
+    except ImportError:
+        pass
+    code = (
+        f"import importlib, sys\nfor m in {modules!r}: importlib.import_module(m)\n"
+        "heavy = sorted(m for m in ('torch', 'transformers') if m in sys.modules)\nprint(heavy)"
+    )
+    env = {**os.environ, "QT_QPA_PLATFORM": "offscreen"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("flag", ["--help"])
+def test_help(flag):
+    for command in ("serve", "chat"):
+        result = CliRunner().invoke(main, [command, flag])
+        assert result.exit_code == 0 and "EXPORT_DIR" in result.output

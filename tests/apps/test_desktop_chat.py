@@ -1,0 +1,121 @@
+"""The PySide6 chat window, headless (QT_QPA_PLATFORM=offscreen): streamed answers, history, stop, loading."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import pytest
+
+from .conftest import slow_model
+
+os.environ["QT_QPA_PLATFORM"] = "offscreen"
+
+try:
+    import PySide6
+    from PySide6.QtWidgets import QApplication
+except ImportError as exc:  # not installed, or Qt's system libraries (libEGL, fontconfig...) are missing
+    pytest.skip(f"PySide6 is not importable: {exc}", allow_module_level=True)
+
+if PySide6.__version__.startswith("6.12.") and sys.version_info < (3, 12):
+    pytest.skip("PySide6 6.12 aborts Python < 3.12 at exit (refcount bug); use PySide6 < 6.12", allow_module_level=True)
+
+from sample_apps.desktop_chat.app import ChatWindow  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def app():
+    return QApplication.instance() or QApplication([])
+
+
+def wait_for(app, condition, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting for the window"
+        app.processEvents()
+        time.sleep(0.005)
+
+
+@pytest.fixture
+def window_factory(app):
+    windows = []
+
+    def make(**kwargs):
+        window = ChatWindow(**kwargs)
+        window.show()
+        windows.append(window)
+        return window
+
+    yield make
+    for window in windows:
+        window.close()
+        window.deleteLater()
+    app.processEvents()
+
+
+def send(app, window, text):
+    pieces, results = [], []
+    window.piece_received.connect(pieces.append)
+    window.answer_finished.connect(results.append)
+    window.input.setText(text)
+    window.send_button.click()
+    return pieces, results
+
+
+def test_chat_streams_answers_with_history(app, window_factory, tiny_model, tmp_path):
+    window = window_factory(model=tiny_model, model_dir="tiny", max_new_tokens=10)
+    window.temperature.setValue(0.0)
+    window.system_edit.setText("w9 w10")
+    pieces, results = send(app, window, "w5 w6")
+    assert window.busy and window.stop_button.isEnabled() and not window.send_button.isEnabled()
+    wait_for(app, lambda: not window.busy)
+    system = [{"role": "system", "content": "w9 w10"}]
+    first = tiny_model.generate(system + [{"role": "user", "content": "w5 w6"}], max_new_tokens=10, temperature=0)
+    assert len(pieces) > 1 and "".join(pieces) == first
+    assert results[0]["text"] == first and not results[0]["stopped"] and results[0]["error"] is None
+    assert first in window.transcript.toPlainText()
+    assert window.send_button.isEnabled() and not window.stop_button.isEnabled()
+
+    pieces2, _ = send(app, window, "w77 w78")
+    wait_for(app, lambda: not window.busy)
+    history = system + [
+        {"role": "user", "content": "w5 w6"},
+        {"role": "assistant", "content": first},
+        {"role": "user", "content": "w77 w78"},
+    ]
+    assert "".join(pieces2) == tiny_model.generate(history, max_new_tokens=10, temperature=0)
+    assert [m["role"] for m in window.history] == ["user", "assistant", "user", "assistant"]
+
+    shot = tmp_path / "desktop_chat.png"
+    assert window.grab().save(str(shot)) and shot.stat().st_size > 1000
+
+    window.new_button.click()
+    assert window.history == [] and window.transcript.toPlainText() == ""
+
+
+def test_stop_button_ends_the_answer_and_the_window_stays_responsive(app, window_factory, tiny_export):
+    model = slow_model(tiny_export, 0.03)  # 30 ms a token, no eos: 200 tokens would take 6 s
+    window = window_factory(model=model, model_dir="tiny", max_new_tokens=200)
+    pieces, results = send(app, window, "w5")
+    wait_for(app, lambda: len(pieces) >= 3)  # the event loop runs while the model generates
+    started = time.monotonic()
+    window.stop_button.click()
+    wait_for(app, lambda: not window.busy, timeout=5)
+    assert time.monotonic() - started < 1.0
+    assert results[0]["stopped"] and results[0]["stats"]["completion_tokens"] < 50
+    assert window.history[-1] == {"role": "assistant", "content": results[0]["text"]}
+    assert "[stopped]" in window.transcript.toPlainText()
+    assert window.send_button.isEnabled() and not window.stop_button.isEnabled()
+
+
+def test_loads_a_folder_off_the_ui_thread_and_reports_bad_ones(app, window_factory, tiny_export, tmp_path):
+    window = window_factory(model_dir=str(tiny_export))
+    assert not window.send_button.isEnabled()  # still loading
+    wait_for(app, lambda: window.model is not None and window._loader is None)
+    assert tiny_export.name in window.folder_label.text() and window.send_button.isEnabled()
+
+    broken = window_factory(model_dir=str(tmp_path / "missing"))
+    wait_for(app, lambda: broken._loader is None)
+    assert broken.model is None and "error:" in broken.transcript.toPlainText()
+    assert not broken.send_button.isEnabled() and broken.open_button.isEnabled()

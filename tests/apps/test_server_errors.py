@@ -1,0 +1,266 @@
+"""Bad requests get OpenAI-shaped 4xx errors and never hurt the server; a client that disconnects stops its
+generation."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import threading
+import time
+
+import pytest
+
+from sample_apps.openai_server import make_server
+
+from .conftest import slow_model
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model):
+    srv = make_server(port=0, model=tiny_model, model_name="tiny", max_body_bytes=1_000_000)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+    thread.join(5)
+
+
+def request(server, method, path, body=None, headers=None, raw: bytes | None = None):
+    host, port = server.server_address[:2]
+    conn = http.client.HTTPConnection(host, port, timeout=30)
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
+    response = conn.getresponse()
+    payload = response.read()
+    conn.close()
+    return response.status, json.loads(payload) if payload else None, response
+
+
+def raw_exchange(server, data: bytes) -> bytes:
+    with socket.create_connection(server.server_address[:2], timeout=30) as sock:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)  # no more to send: a server waiting for more bytes sees the end
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def assert_error(status, body, expected_status, code=None, param=None):
+    assert status == expected_status, body
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if code is not None:
+        assert error["code"] == code
+    if param is not None:
+        assert error["param"] == param
+
+
+CHAT = "/v1/chat/completions"
+USER = [{"role": "user", "content": "w5 w6"}]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code", "param"),
+    [
+        ({"model": "nope", "messages": USER}, 404, "model_not_found", "model"),
+        ({"messages": USER}, 400, "missing_required_parameter", "model"),
+        ({"model": "tiny"}, 400, "missing_required_parameter", "messages"),
+        ({"model": "tiny", "messages": []}, 400, "invalid_value", "messages"),
+        ({"model": "tiny", "messages": "hi"}, 400, "invalid_value", "messages"),
+        ({"model": "tiny", "messages": [{"role": "robot", "content": "w5"}]}, 400, None, "messages[0].role"),
+        ({"model": "tiny", "messages": [{"role": "user", "content": 5}]}, 400, None, "messages[0].content"),
+        ({"model": "tiny", "messages": ["w5"]}, 400, None, "messages[0]"),
+        (
+            {"model": "tiny", "messages": [{"role": "user", "content": "w5 " * 300}]},
+            400,
+            "context_length_exceeded",
+            None,
+        ),
+        ({"model": "tiny", "messages": USER, "max_tokens": 0}, 400, "invalid_value", "max_tokens"),
+        ({"model": "tiny", "messages": USER, "max_tokens": -3}, 400, "invalid_value", "max_tokens"),
+        ({"model": "tiny", "messages": USER, "max_tokens": 10**9}, 400, "invalid_value", "max_tokens"),
+        ({"model": "tiny", "messages": USER, "max_tokens": "10"}, 400, "invalid_value", "max_tokens"),
+        ({"model": "tiny", "messages": USER, "max_tokens": True}, 400, "invalid_value", "max_tokens"),
+        ({"model": "tiny", "messages": USER, "max_completion_tokens": 0}, 400, None, "max_completion_tokens"),
+        ({"model": "tiny", "messages": USER, "temperature": 5}, 400, "invalid_value", "temperature"),
+        ({"model": "tiny", "messages": USER, "temperature": "hot"}, 400, "invalid_value", "temperature"),
+        ({"model": "tiny", "messages": USER, "top_p": 1.5}, 400, "invalid_value", "top_p"),
+        ({"model": "tiny", "messages": USER, "stop": 7}, 400, "invalid_value", "stop"),
+        ({"model": "tiny", "messages": USER, "stop": [""]}, 400, "invalid_value", "stop"),
+        ({"model": "tiny", "messages": USER, "stop": ["w"] * 17}, 400, "invalid_value", "stop"),
+        ({"model": "tiny", "messages": USER, "seed": 1.5}, 400, "invalid_value", "seed"),
+        ({"model": "tiny", "messages": USER, "n": 3}, 400, "invalid_value", "n"),
+        ({"model": "tiny", "messages": USER, "stream": "yes"}, 400, "invalid_value", "stream"),
+    ],
+)
+def test_bad_chat_requests(server, body, status, code, param):
+    assert_error(*request(server, "POST", CHAT, body)[:2], status, code, param)
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"model": "tiny"}, "prompt"),
+        ({"model": "tiny", "prompt": 5}, "prompt"),
+        ({"model": "tiny", "prompt": ""}, None),
+    ],  # noqa: E501
+)
+def test_bad_completion_requests(server, body, param):
+    assert_error(*request(server, "POST", "/v1/completions", body)[:2], 400, param=param)
+
+
+@pytest.mark.parametrize(
+    "raw", [b"{not json", b"[1, 2]", b'"text"', b"\xff\xfe\x00", b"[" * 100_000, b'{"model": "tiny", "x": NaN'], ids=str
+)
+def test_malformed_bodies(server, raw):
+    assert_error(*request(server, "POST", CHAT, raw=raw)[:2], 400)
+
+
+def test_oversized_body_is_refused_without_reading_it(server):
+    status, body, response = request(server, "POST", CHAT, raw=b"x" * 1_000_001)
+    assert_error(status, body, 413, "request_too_large")
+    # A client announcing a huge body gets its answer at once, without the server waiting for the bytes.
+    reply = raw_exchange(server, f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nContent-Length: 50000000\r\n\r\n".encode())
+    assert reply.startswith(b"HTTP/1.1 413") and b'"request_too_large"' in reply
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("GET", "/v1/nothing", 404),
+        ("POST", "/v2/chat/completions", 404),
+        ("GET", "/", 404),
+        ("GET", CHAT, 405),
+        ("PUT", "/v1/completions", 405),
+        ("DELETE", "/v1/models", 405),
+        ("POST", "/health", 405),
+        ("PATCH", "/v1/models/tiny", 405),
+    ],
+)
+def test_wrong_method_or_path(server, method, path, status):
+    status_got, body, response = request(server, method, path, body={"model": "tiny"})
+    assert_error(status_got, body, status)
+    if status == 405:
+        assert response.getheader("Allow")
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"GARBAGE\r\n\r\n",
+        b"BREW /coffee HTCPCP/1.0\r\n\r\n",
+        b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n",
+        b"POST /v1/completions HTTP/1.1\r\nContent-Length: lots\r\n\r\n",
+        b"POST /v1/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        b"\x00\x01\x02\r\n\r\n",
+    ],
+)
+def test_protocol_garbage_gets_an_error_not_a_crash(server, data):
+    reply = raw_exchange(server, data)
+    if reply.startswith(b"HTTP/"):
+        assert reply.split(b"\r\n", 1)[0].split(b" ")[1].startswith(b"4")
+        reply = reply.split(b"\r\n\r\n", 1)[1]
+    # else: without a valid version the request counts as HTTP/0.9, whose answers have no status line
+    assert json.loads(reply)["error"]["message"]
+
+
+def test_server_still_serves_after_abuse(server):
+    raw_exchange(server, b"POST /v1/completions HTTP/1.1\r\nContent-Length: 100\r\n\r\n{")  # body cut short
+    with socket.create_connection(server.server_address[:2]):
+        pass  # connect and leave
+    status, body, _ = request(server, "POST", CHAT, {"model": "tiny", "messages": USER, "max_tokens": 4})
+    assert status == 200 and body["usage"]["completion_tokens"] == 4
+
+
+def test_keep_alive_connection_survives_an_error(server):
+    host, port = server.server_address[:2]
+    conn = http.client.HTTPConnection(host, port, timeout=30)
+    conn.request("POST", CHAT, body=json.dumps({"model": "nope", "messages": USER}))
+    first = conn.getresponse()
+    first.read()
+    conn.request("POST", CHAT, body=json.dumps({"model": "tiny", "messages": USER, "max_tokens": 2}))
+    second = conn.getresponse()
+    assert first.status == 404 and second.status == 200 and json.loads(second.read())["usage"]["completion_tokens"]
+    conn.close()
+
+
+# --- disconnects -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def slow_server(tiny_export):
+    """20 ms per token and no eos: a 200-token answer would take 4 s."""
+    srv = make_server(port=0, model=slow_model(tiny_export, 0.02), model_name="tiny")
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+    thread.join(5)
+
+
+def wait_idle(service, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while service.stats.current is not None or service.lock.held:
+        assert time.monotonic() < deadline, "the generation did not stop"
+        time.sleep(0.01)
+
+
+def post_and_hang_up(server, body, after_events: int | None, after_seconds: float = 0.0) -> bytes:
+    payload = json.dumps(body).encode()
+    head = f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(payload)}\r\n\r\n"
+    sock = socket.create_connection(server.server_address[:2], timeout=30)
+    sock.sendall(head.encode() + payload)
+    received = b""
+    if after_events is not None:
+        while received.count(b"data: ") < after_events:
+            received += sock.recv(65536)
+    time.sleep(after_seconds)
+    sock.close()
+    return received
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_client_disconnect_stops_the_generation(slow_server, stream):
+    service = slow_server.service
+    body = {"model": "tiny", "messages": USER, "max_tokens": 200, "temperature": 0, "stream": stream}
+    received = post_and_hang_up(slow_server, body, after_events=4 if stream else None, after_seconds=0.3)
+    if stream:
+        assert received.startswith(b"HTTP/1.1 200") and b"text/event-stream" in received
+    wait_idle(service)
+    tokens = service.tokens_generated
+    time.sleep(0.3)
+    assert service.tokens_generated == tokens  # nothing runs any more
+    assert 0 < tokens < 60  # far from the 200 asked for
+    assert service.stats.cancelled == 1 and service.stats.finished == 1
+    # The model is free: the next request is served at once.
+    started = time.monotonic()
+    status, answer, _ = request(slow_server, "POST", CHAT, {"model": "tiny", "messages": USER, "max_tokens": 3})
+    assert status == 200 and answer["usage"]["completion_tokens"] == 3 and time.monotonic() - started < 2
+
+
+def test_requests_wait_their_turn(slow_server):
+    """While one request generates, the others queue (the health endpoint shows them) and all finish."""
+    body = {"model": "tiny", "messages": USER, "max_tokens": 10, "temperature": 0}
+    results = []
+
+    def ask():
+        results.append(request(slow_server, "POST", CHAT, body))
+
+    threads = [threading.Thread(target=ask) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 2
+    seen_queue = 0
+    while time.monotonic() < deadline and len(results) < 3:
+        status = request(slow_server, "GET", "/health")[1]
+        seen_queue = max(seen_queue, status["queued"])
+        time.sleep(0.02)
+    for thread in threads:
+        thread.join(10)
+    assert seen_queue >= 1
+    assert [r[0] for r in results] == [200, 200, 200]
+    assert len({r[1]["choices"][0]["message"]["content"] for r in results}) == 1
