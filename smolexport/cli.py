@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
 from pathlib import Path
@@ -78,16 +79,40 @@ def main():
     default=None,
     help="Longest prompt + answer, in tokens (default: the model's maximum).",
 )
+@click.option(
+    "--algo",
+    type=click.Choice(["rtn", "mse"]),
+    default="rtn",
+    show_default=True,
+    help="int4/int8 rounding: round-to-nearest, or a per-block clipping search (mse).",
+)
+@click.option(
+    "--standard-ops",
+    is_flag=True,
+    help="Standard ONNX ops only (no GroupQueryAttention etc.): slower, but portable and batch-padding safe.",
+)
+@click.option(
+    "--accuracy-level",
+    type=click.IntRange(0, 4),
+    default=0,
+    show_default=True,
+    help="MatMulNBits compute type for int4/int8: 0 = fp32 activations, 4 = int8 activations (faster).",
+)
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
 @user_errors
-def onnx_command(model, quant, output, block_size, lm_head_bits, context_length, force, quiet):
+def onnx_command(
+    model, quant, output, block_size, lm_head_bits, context_length, algo, standard_ops, accuracy_level, force, quiet
+):
     """Export MODEL to an ONNX folder with a KV-cache decoder."""  # noqa: D401
     options = OnnxExportOptions(
         quant=quant,
         block_size=int(block_size),
         lm_head_bits=int(lm_head_bits) if lm_head_bits else None,
         context_length=context_length,
+        fused=not standard_ops,
+        accuracy_level=accuracy_level,
+        algo=algo,
         force=force,
     )
     manifest = export_onnx(model, output, options, Progress(enabled=not quiet))
@@ -100,7 +125,7 @@ def onnx_command(model, quant, output, block_size, lm_head_bits, context_length,
 @click.argument("prompt")
 @click.option("--max-new-tokens", type=click.IntRange(1), default=256, show_default=True)
 @click.option("--greedy", is_flag=True, help="Always pick the most likely token.")
-@click.option("--temperature", type=click.FloatRange(0), default=None, help="Default: the model's, else 0.7.")
+@click.option("--temperature", type=click.FloatRange(0), default=None, help="Sampling temperature (default: greedy).")
 @click.option("--top-k", type=click.IntRange(0), default=None)
 @click.option("--top-p", type=click.FloatRange(0, 1), default=None)
 @click.option("--seed", type=int, default=None)
@@ -229,6 +254,31 @@ def validate_command(
         click.echo(baseline_summary(report.baseline, baseline_file))
     regressed = report.baseline is not None and not report.baseline["passed"]
     sys.exit(0 if report.passed and not regressed else 1)
+
+
+@main.command("bench")
+@click.argument("export_dir", type=click.Path(path_type=Path))
+@click.option("--threads", type=click.IntRange(1), default=2, show_default=True)
+@click.option("--runs", type=click.IntRange(1), default=3, show_default=True, help="Medians over this many runs.")
+@click.option(
+    "--context",
+    type=click.IntRange(64),
+    default=2048,
+    show_default=True,
+    help="KV-cache length filled for the peak-memory measurement.",
+)
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the results here.")
+@user_errors
+def bench_command(export_dir, threads, runs, context, provider, json_out):
+    """Time to first token, decode speed, peak memory and size of an export (in a process of its own)."""
+    from .bench import run_bench
+
+    result = run_bench(export_dir, threads=threads, runs=runs, context=context, provider=provider)
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=2) + "\n")
+    for key, value in result.items():
+        click.echo(f"{key:>20}: {value}")
 
 
 from .apps_cli import chat_command, serve_command  # noqa: E402  # the sample apps (smolexport serve / chat)

@@ -36,6 +36,7 @@ class DecoderOptions:
     context_length: int = 2048
     fused: bool = True  # ONNX Runtime's fused contrib ops (fused.py) instead of standard ops only
     accuracy_level: int = 0  # MatMulNBits compute type: 0 = as activations, 4 = int8 (faster, less exact)
+    algo: str = "rtn"  # quantization algorithm, see quantize.py
 
 
 def kv_names(i: int) -> dict[str, str]:
@@ -78,7 +79,7 @@ class DecoderBuilder:
         return y
 
     def _quantized(self, name: str, weight: np.ndarray, bits: int) -> list[str]:
-        qw = quantize_blockwise(weight, bits, self.o.block_size, scale_dtype=self.np_dtype)
+        qw = quantize_blockwise(weight, bits, self.o.block_size, scale_dtype=self.np_dtype, algo=self.o.algo)
         return [
             self.g.initializer(f"{name}.qweight", qw.data),
             self.g.initializer(f"{name}.scales", qw.scales),
@@ -218,7 +219,7 @@ class DecoderBuilder:
 
         # GatherBlockQuantized reads the same packed data as MatMulNBits, viewed as [V, n_blocks, block]
         # (quantized on the last axis, one scale per row of it); 4-bit zero points are unpacked for it.
-        qw = quantize_blockwise(weight, bits, self.o.block_size, scale_dtype=self.np_dtype)
+        qw = quantize_blockwise(weight, bits, self.o.block_size, scale_dtype=self.np_dtype, algo=self.o.algo)
         n_blocks = qw.data.shape[1]
         data = g.initializer("embed_tokens.qweight", qw.data)
         scales = g.initializer("embed_tokens.scales", qw.scales)

@@ -18,6 +18,7 @@ from ..progress import SILENT, Progress
 from ..sources import ModelSource, open_source
 from .decoder import DecoderOptions, build_decoder, kv_names
 from .graph import GraphBuilder
+from .quantize import ALGOS
 
 QUANT_MODES = ("int4", "int8", "fp16", "fp32")
 MODEL_FILE = "model.onnx"
@@ -37,6 +38,8 @@ class OnnxExportOptions:
     # MatMulNBits accuracy_level: 0 computes in the activation type; 4 quantizes activations to int8 per
     # block (faster on CPUs with VNNI, slightly less exact).
     accuracy_level: int = 0
+    # int4/int8 algorithm: "rtn" (round to nearest) or "mse" (per-block clipping search), see quantize.py.
+    algo: str = "rtn"
     force: bool = False
 
     def decoder_options(self, max_positions: int) -> DecoderOptions:
@@ -45,6 +48,8 @@ class OnnxExportOptions:
         bits = {"int4": 4, "int8": 8}.get(self.quant)
         if self.lm_head_bits is not None and (bits is None or self.lm_head_bits not in (4, 8)):
             raise UsageError("--lm-head-bits takes 4 or 8, with --quant int4 or int8")
+        if self.algo not in ALGOS:
+            raise UsageError(f"unknown algo {self.algo!r}: choose one of {', '.join(ALGOS)}")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise UsageError(f"accuracy level must be 0 to 4, got {self.accuracy_level}")
         if self.block_size not in (16, 32, 64, 128, 256):
@@ -60,6 +65,7 @@ class OnnxExportOptions:
             context_length=context,
             fused=self.fused,
             accuracy_level=self.accuracy_level,
+            algo=self.algo,
         )
 
 
@@ -118,7 +124,7 @@ def _manifest(source: ModelSource, options: OnnxExportOptions, decoder: DecoderO
         "source": source.describe(),
         "quant": {
             "mode": options.quant,
-            "algo": "rtn" if decoder.weight_bits else None,
+            "algo": decoder.algo if decoder.weight_bits else None,
             "weight_bits": decoder.weight_bits,
             "lm_head_bits": decoder.lm_head_bits,
             "block_size": decoder.block_size if decoder.weight_bits else None,

@@ -35,27 +35,55 @@ class BlockQuantized:
         return self.data.nbytes + self.scales.nbytes + self.zero_points.nbytes
 
 
-def quantize_blockwise(weight: np.ndarray, bits: int, block_size: int, scale_dtype=np.float32) -> BlockQuantized:
+ALGOS = ("rtn", "mse")
+# Range shrink factors the "mse" search tries: 1.0 is plain round-to-nearest over the block's range.
+SHRINK_GRID = np.linspace(1.0, 0.55, 19, dtype=np.float32)
+ROWS_PER_CHUNK = 512  # bounds the search's temporaries to a few hundred MB on the largest matrices
+
+
+def quantize_blockwise(
+    weight: np.ndarray,
+    bits: int,
+    block_size: int,
+    scale_dtype=np.float32,
+    algo: str = "rtn",
+    importance: np.ndarray | None = None,
+) -> BlockQuantized:
+    """Quantizes W [N, K] block-wise along K.
+
+    algo "rtn": round to nearest over each block's range (widened to include 0).
+    algo "mse": per block, the range shrink factor (from SHRINK_GRID) that minimizes the block's squared
+    reconstruction error, weighted per input channel by `importance` [K] when given (e.g. the mean squared
+    activation of that channel, which makes the error track the layer's output error). Clipping a few outliers
+    buys a finer step for all the other weights.
+    """
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
     if block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
+    if algo not in ALGOS:
+        raise ValueError(f"algo must be one of {ALGOS}, got {algo!r}")
     n, k = weight.shape
     n_blocks = -(-k // block_size)
     padded = np.zeros((n, n_blocks * block_size), dtype=np.float32)
     padded[:, :k] = weight
     blocks = padded.reshape(n, n_blocks, block_size)
+    weights = None
+    if importance is not None:
+        weights = np.zeros(n_blocks * block_size, dtype=np.float32)
+        weights[:k] = importance
+        weights = weights.reshape(1, n_blocks, block_size)
 
     qmax = (1 << bits) - 1
-    lo = np.minimum(blocks.min(axis=2), 0.0)
-    hi = np.maximum(blocks.max(axis=2), 0.0)
-    scales = ((hi - lo) / qmax).astype(scale_dtype)
-    # Scales are rounded to their storage type first so that quantization uses the scale the kernel sees.
-    safe = np.where(scales == 0, 1.0, scales.astype(np.float32))
-    zero_points = np.clip(np.round(-lo / safe), 0, qmax)
-    q = np.clip(np.round(blocks / safe[:, :, None]) + zero_points[:, :, None], 0, qmax).astype(np.uint8)
+    q = np.empty(blocks.shape, np.uint8)
+    scales = np.empty((n, n_blocks), scale_dtype)
+    zero_points = np.empty((n, n_blocks), np.uint8)
+    shrinks = SHRINK_GRID if algo == "mse" else SHRINK_GRID[:1]
+    for start in range(0, n, ROWS_PER_CHUNK):
+        rows = slice(start, start + ROWS_PER_CHUNK)
+        q[rows], scales[rows], zero_points[rows] = _search(blocks[rows], qmax, scale_dtype, shrinks, weights)
 
-    zp = zero_points.astype(np.uint8)
+    zp = zero_points
     if bits == 4:
         data = q[:, :, 0::2] | (q[:, :, 1::2] << 4)
         if n_blocks % 2:
@@ -64,6 +92,38 @@ def quantize_blockwise(weight: np.ndarray, bits: int, block_size: int, scale_dty
     else:
         data = q
     return BlockQuantized(np.ascontiguousarray(data), scales, np.ascontiguousarray(zp), bits, block_size, k)
+
+
+def _search(blocks: np.ndarray, qmax: int, scale_dtype, shrinks: np.ndarray, weights: np.ndarray | None):
+    """The best (q, scale, zero point) per block over the candidate range shrinks."""
+    lo0 = np.minimum(blocks.min(axis=2), 0.0)
+    hi0 = np.maximum(blocks.max(axis=2), 0.0)
+    best = None
+    for shrink in shrinks:
+        q, scales, zero_points = _round_to_grid(blocks, lo0 * shrink, hi0 * shrink, qmax, scale_dtype)
+        if len(shrinks) == 1:
+            return q, scales, zero_points
+        deq = (q.astype(np.float32) - zero_points[:, :, None]) * scales.astype(np.float32)[:, :, None]
+        err = (deq - blocks) ** 2
+        err = (err if weights is None else err * weights).sum(axis=2)
+        if best is None:
+            best = [q, scales, zero_points, err]
+            continue
+        better = err < best[3]
+        best[0] = np.where(better[:, :, None], q, best[0])
+        best[1] = np.where(better, scales, best[1])
+        best[2] = np.where(better, zero_points, best[2])
+        best[3] = np.where(better, err, best[3])
+    return best[0], best[1], best[2]
+
+
+def _round_to_grid(blocks: np.ndarray, lo: np.ndarray, hi: np.ndarray, qmax: int, scale_dtype):
+    scales = ((hi - lo) / qmax).astype(scale_dtype)
+    # Scales are rounded to their storage type first so that quantization uses the scale the kernel sees.
+    safe = np.where(scales == 0, 1.0, scales.astype(np.float32))
+    zero_points = np.clip(np.round(-lo / safe), 0, qmax)
+    q = np.clip(np.round(blocks / safe[:, :, None]) + zero_points[:, :, None], 0, qmax).astype(np.uint8)
+    return q, scales, zero_points.astype(np.uint8)
 
 
 def dequantize_blockwise(qw: BlockQuantized) -> np.ndarray:

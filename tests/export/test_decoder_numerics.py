@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import onnxruntime as ort
@@ -37,18 +38,18 @@ def torch_logits(model, ids, mask, positions):
         ).logits.numpy()
 
 
-def quantized_copy(model, bits: int, block: int, lm_head_bits: int | None = None):
+def quantized_copy(model, bits: int, block: int, lm_head_bits: int | None = None, algo: str = "rtn"):
     """The torch model with every linear weight replaced by what the int kernels compute with."""
     q = copy.deepcopy(model)
     with torch.no_grad():
         for name, module in q.named_modules():
             if isinstance(module, torch.nn.Linear):
                 b = (lm_head_bits or bits) if name == "lm_head" else bits
-                w = dequantize_blockwise(quantize_blockwise(module.weight.numpy(), b, block))
+                w = dequantize_blockwise(quantize_blockwise(module.weight.numpy(), b, block, algo=algo))
                 module.weight.copy_(torch.from_numpy(w))
         if not q.config.tie_word_embeddings:  # untied embedding is quantized on its own
             emb = q.model.embed_tokens.weight
-            emb.copy_(torch.from_numpy(dequantize_blockwise(quantize_blockwise(emb.numpy(), bits, block))))
+            emb.copy_(torch.from_numpy(dequantize_blockwise(quantize_blockwise(emb.numpy(), bits, block, algo=algo))))
     return q
 
 
@@ -117,3 +118,15 @@ def test_tied_weight_is_stored_once(tiny_models, tmp_path):
         # fp32: one [V, H] table; int4: its packed data, scales and the two zero-point layouts
         big = [n for n in vocab_sized if "zero_points" not in n and "scales" not in n]
         assert big == ["embed_tokens.weight"] if quant == "fp32" else big == ["embed_tokens.qweight"], vocab_sized
+
+
+def test_mse_algo_export_computes_with_its_own_grid(tiny_models, tmp_path):
+    folder, model = tiny_models["gqa_tied"]
+    export_onnx(str(folder), tmp_path / "e", OnnxExportOptions(quant="int4", algo="mse"))
+    manifest = json.loads((tmp_path / "e" / "smolexport.json").read_text())
+    assert manifest["quant"]["algo"] == "mse"
+    ids, mask, positions = prompt_batch(model.config.vocab_size, padded=False)
+    out = run_onnx(tmp_path / "e", manifest, {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
+                                              **empty_cache(manifest, 2)})  # fmt: skip
+    expected = torch_logits(quantized_copy(model, 4, 32, algo="mse"), ids, mask, positions)
+    np.testing.assert_allclose(out["logits"], expected, atol=1e-3, rtol=0)

@@ -67,3 +67,18 @@ def test_blockwise_quantization_error_is_within_half_a_step(bits, k):
     assert deq.shape == w.shape
     step = np.repeat(q.scales, 32, axis=1)[:, :k]
     assert np.all(np.abs(deq - w) <= step / 2 + 1e-6)
+
+
+def test_mse_search_never_loses_to_round_to_nearest():
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((64, 128)).astype(np.float32)
+    w[rng.random(w.shape) < 0.01] *= 8  # a few outliers, as real weights have
+    importance = rng.random(128).astype(np.float32)
+    for weights in (None, importance):
+        per_block = []
+        for algo in ("rtn", "mse"):
+            deq = dequantize_blockwise(quantize_blockwise(w, 4, 32, algo=algo, importance=weights))
+            err = (deq - w) ** 2 * (1 if weights is None else weights)
+            per_block.append(err.reshape(64, 4, 32).sum(axis=2))
+        assert np.all(per_block[1] <= per_block[0] + 1e-6)
+        assert per_block[1].sum() < per_block[0].sum()
