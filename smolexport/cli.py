@@ -81,10 +81,18 @@ def main():
 )
 @click.option(
     "--algo",
-    type=click.Choice(["rtn", "mse"]),
+    type=click.Choice(["rtn", "mse", "act-mse"]),
     default="rtn",
     show_default=True,
-    help="int4/int8 rounding: round-to-nearest, or a per-block clipping search (mse).",
+    help="int4/int8 rounding: round-to-nearest; a per-block clipping search (mse); or that search weighted by "
+    "calibration activations (act-mse).",
+)
+@click.option(
+    "--calibration",
+    "calibration_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Calibration text for --algo act-mse (default: a built-in text).",
 )
 @click.option(
     "--standard-ops",
@@ -102,7 +110,18 @@ def main():
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
 @user_errors
 def onnx_command(
-    model, quant, output, block_size, lm_head_bits, context_length, algo, standard_ops, accuracy_level, force, quiet
+    model,
+    quant,
+    output,
+    block_size,
+    lm_head_bits,
+    context_length,
+    algo,
+    calibration_file,
+    standard_ops,
+    accuracy_level,
+    force,
+    quiet,
 ):
     """Export MODEL to an ONNX folder with a KV-cache decoder."""  # noqa: D401
     options = OnnxExportOptions(
@@ -113,6 +132,7 @@ def onnx_command(
         fused=not standard_ops,
         accuracy_level=accuracy_level,
         algo=algo,
+        calibration_file=calibration_file,
         force=force,
     )
     manifest = export_onnx(model, output, options, Progress(enabled=not quiet))

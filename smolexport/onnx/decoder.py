@@ -19,6 +19,7 @@ from onnx import TensorProto
 
 from ..llama_config import LlamaConfig
 from .graph import MS_DOMAIN, GraphBuilder
+from .calibration import Calibration
 from .quantize import quantize_blockwise
 from .rope import rope_tables
 
@@ -55,14 +56,17 @@ class DecoderBuilder:
         self.lm_head_bits = options.lm_head_bits or options.weight_bits
 
     # --- weights ---------------------------------------------------------------------------------
-    def linear(self, x: str, name: str, weight: np.ndarray, bias: np.ndarray | None, bits: int | None) -> str:
-        """y = x @ weight.T (+ bias), weight [out, in] as stored in the checkpoint."""
+    def linear(
+        self, x: str, name: str, weight: np.ndarray, bias: np.ndarray | None, bits: int | None, importance=None
+    ) -> str:
+        """y = x @ weight.T (+ bias), weight [out, in] as stored in the checkpoint. `importance` [in] weights
+        the quantization error per input channel (calibration activations), for algo act-mse."""
         n, k = weight.shape
         if bits is None:
             w = self.g.initializer(f"{name}.weight", weight.T.astype(self.np_dtype))
             y = self.g.node("MatMul", [x, w], name)
         else:
-            inputs = self._quantized(name, weight, bits)
+            inputs = self._quantized(name, weight, bits, importance)
             y = self.g.node(
                 "MatMulNBits",
                 [x, *inputs],
@@ -78,13 +82,18 @@ class DecoderBuilder:
             y = self.g.node("Add", [y, self.g.initializer(f"{name}.bias", bias.astype(self.np_dtype))], f"{name}/bias")
         return y
 
-    def _quantized(self, name: str, weight: np.ndarray, bits: int) -> list[str]:
-        qw = quantize_blockwise(weight, bits, self.o.block_size, scale_dtype=self.np_dtype, algo=self.o.algo)
+    def _quantized(self, name: str, weight: np.ndarray, bits: int, importance=None) -> list[str]:
+        qw = self._quantize(weight, bits, importance)
         return [
             self.g.initializer(f"{name}.qweight", qw.data),
             self.g.initializer(f"{name}.scales", qw.scales),
             self.g.initializer(f"{name}.zero_points", qw.zero_points),
         ]
+
+    def _quantize(self, weight: np.ndarray, bits: int, importance=None):
+        algo = "rtn" if self.o.algo == "rtn" else "mse"  # act-mse is mse weighted by calibration activations
+        importance = importance if self.o.algo == "act-mse" else None
+        return quantize_blockwise(weight, bits, self.o.block_size, self.np_dtype, algo=algo, importance=importance)
 
     # --- building blocks -------------------------------------------------------------------------
     def rms_norm(self, x: str, weight: np.ndarray, name: str) -> str:
@@ -118,7 +127,7 @@ class DecoderBuilder:
         )
         return g.node("Concat", [a, b], f"{name}/rot", axis=-1)
 
-    def attention(self, i: int, x: str, w: dict, cos: str, sin: str, mask_bias: str) -> str:
+    def attention(self, i: int, x: str, w: dict, cos: str, sin: str, mask_bias: str, power: dict) -> str:
         g, c, name = self.g, self.c, f"layers.{i}.attn"
         heads, kv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         rep = heads // kv
@@ -128,9 +137,10 @@ class DecoderBuilder:
             t = g.node("Reshape", [t, g.const([0, 0, n_heads, d])], f"{name}/{tag}_split")
             return g.node("Transpose", [t], f"{name}/{tag}_bnsd", perm=[0, 2, 1, 3])
 
-        q = heads_first(self.linear(x, f"{name}.q_proj", w["q"], w.get("q_bias"), bits), heads, "q")
-        k = heads_first(self.linear(x, f"{name}.k_proj", w["k"], w.get("k_bias"), bits), kv, "k")
-        v = heads_first(self.linear(x, f"{name}.v_proj", w["v"], w.get("v_bias"), bits), kv, "v")
+        qkv_power = power.get("qkv")
+        q = heads_first(self.linear(x, f"{name}.q_proj", w["q"], w.get("q_bias"), bits, qkv_power), heads, "q")
+        k = heads_first(self.linear(x, f"{name}.k_proj", w["k"], w.get("k_bias"), bits, qkv_power), kv, "k")
+        v = heads_first(self.linear(x, f"{name}.v_proj", w["v"], w.get("v_bias"), bits, qkv_power), kv, "v")
         q = self.rotary(q, cos, sin, f"{name}/q_rope")
         k = self.rotary(k, cos, sin, f"{name}/k_rope")
 
@@ -156,16 +166,15 @@ class DecoderBuilder:
         out = g.node("Reshape", [out, g.const([0, heads, -1, d])], f"{name}/context_heads")
         out = g.node("Transpose", [out], f"{name}/context_bsnd", perm=[0, 2, 1, 3])
         out = g.node("Reshape", [out, g.const([0, 0, heads * d])], f"{name}/context_merged")
-        return self.linear(out, f"{name}.o_proj", w["o"], w.get("o_bias"), bits)
+        return self.linear(out, f"{name}.o_proj", w["o"], w.get("o_bias"), bits, power.get("o"))
 
-    def mlp(self, i: int, x: str, w: dict) -> str:
+    def mlp(self, i: int, x: str, w: dict, power: dict) -> str:
         g, name, bits = self.g, f"layers.{i}.mlp", self.o.weight_bits
-        gate = self.linear(x, f"{name}.gate_proj", w["gate"], w.get("gate_bias"), bits)
-        up = self.linear(x, f"{name}.up_proj", w["up"], w.get("up_bias"), bits)
+        gate = self.linear(x, f"{name}.gate_proj", w["gate"], w.get("gate_bias"), bits, power.get("gate_up"))
+        up = self.linear(x, f"{name}.up_proj", w["up"], w.get("up_bias"), bits, power.get("gate_up"))
         act = g.node("Mul", [gate, g.node("Sigmoid", [gate], f"{name}/sigmoid")], f"{name}/silu")
-        return self.linear(
-            g.node("Mul", [act, up], f"{name}/gated"), f"{name}.down_proj", w["down"], w.get("down_bias"), bits
-        )
+        gated = g.node("Mul", [act, up], f"{name}/gated")
+        return self.linear(gated, f"{name}.down_proj", w["down"], w.get("down_bias"), bits, power.get("down"))
 
     def attention_mask_bias(self) -> str:
         """[B, 1, 1, S, T] additive bias: 0 where query s may attend to key t, a large negative elsewhere.
@@ -219,7 +228,7 @@ class DecoderBuilder:
 
         # GatherBlockQuantized reads the same packed data as MatMulNBits, viewed as [V, n_blocks, block]
         # (quantized on the last axis, one scale per row of it); 4-bit zero points are unpacked for it.
-        qw = quantize_blockwise(weight, bits, self.o.block_size, scale_dtype=self.np_dtype, algo=self.o.algo)
+        qw = self._quantize(weight, bits)
         n_blocks = qw.data.shape[1]
         data = g.initializer("embed_tokens.qweight", qw.data)
         scales = g.initializer("embed_tokens.scales", qw.scales)
@@ -267,8 +276,10 @@ def build_decoder(
     options: DecoderOptions,
     get_weight: Callable[[str], np.ndarray | None],
     on_layer: Callable[[int], None] = lambda i: None,
+    calibration_ids: list[int] | None = None,
 ) -> None:
-    """Adds the whole decoder to `g`. `get_weight(hf_name)` returns a float32 array or None if absent."""
+    """Adds the whole decoder to `g`. `get_weight(hf_name)` returns a float32 array or None if absent.
+    `calibration_ids` (token ids of a calibration text) are needed for algo act-mse."""
     c, b = config, DecoderBuilder(g, config, options)
     float_type = b.onnx_dtype
     g.input("input_ids", TensorProto.INT64, ["batch", "seq"])
@@ -281,14 +292,19 @@ def build_decoder(
 
     embed = get_weight("model.embed_tokens.weight")
     x, tied_lm_head = b.embedding(embed)
+    calibration = None
+    if options.algo == "act-mse" and options.weight_bits:
+        if not calibration_ids:
+            raise ValueError("algo act-mse needs calibration_ids")
+        calibration = Calibration(c, embed, calibration_ids)
     lm_head_weight = None if c.tie_word_embeddings else get_weight("lm_head.weight")
     del embed
 
     cos_table, sin_table = rope_tables(c, options.context_length)
     if options.fused:
-        x = _fused_layers(b, x, cos_table, sin_table, get_weight, on_layer)
+        x = _fused_layers(b, x, cos_table, sin_table, get_weight, on_layer, calibration)
     else:
-        x = _standard_layers(b, x, cos_table, sin_table, get_weight, on_layer)
+        x = _standard_layers(b, x, cos_table, sin_table, get_weight, on_layer, calibration)
 
     # Prefill only needs the last position's logits: `logits_to_keep` (default 0 = all) keeps the last k.
     keep = g.initializer("logits_to_keep", np.array([0], dtype=np.int64))
@@ -319,7 +335,7 @@ def _layer_weights(get_weight, i: int) -> tuple[dict, dict, np.ndarray, np.ndarr
     return attn, mlp, *norms
 
 
-def _standard_layers(b: DecoderBuilder, x: str, cos_table, sin_table, get_weight, on_layer) -> str:
+def _standard_layers(b: DecoderBuilder, x: str, cos_table, sin_table, get_weight, on_layer, calibration) -> str:
     """Standard ONNX ops only (plus MatMulNBits for quantized weights); returns the final-normed hidden state."""
     g = b.g
     cos = g.node("Gather", [g.initializer("rope.cos", cos_table.astype(b.np_dtype)), "position_ids"], "rope/cos")
@@ -329,16 +345,17 @@ def _standard_layers(b: DecoderBuilder, x: str, cos_table, sin_table, get_weight
     mask_bias = b.attention_mask_bias()
     for i in range(b.c.num_hidden_layers):
         attn, mlp, input_norm, post_attn_norm = _layer_weights(get_weight, i)
+        power = calibration.layer(attn, mlp, input_norm, post_attn_norm) if calibration else {}
         h = b.rms_norm(x, input_norm, f"layers.{i}.input_norm")
-        x = g.node("Add", [x, b.attention(i, h, attn, cos, sin, mask_bias)], f"layers.{i}.attn_residual")
+        x = g.node("Add", [x, b.attention(i, h, attn, cos, sin, mask_bias, power)], f"layers.{i}.attn_residual")
         h = b.rms_norm(x, post_attn_norm, f"layers.{i}.post_attn_norm")
-        x = g.node("Add", [x, b.mlp(i, h, mlp)], f"layers.{i}.mlp_residual")
+        x = g.node("Add", [x, b.mlp(i, h, mlp, power)], f"layers.{i}.mlp_residual")
         del attn, mlp
         on_layer(i)
     return b.rms_norm(x, get_weight("model.norm.weight"), "final_norm")
 
 
-def _fused_layers(b: DecoderBuilder, x: str, cos_table, sin_table, get_weight, on_layer) -> str:
+def _fused_layers(b: DecoderBuilder, x: str, cos_table, sin_table, get_weight, on_layer, calibration) -> str:
     """ONNX Runtime's fused contrib ops (see fused.py); returns the final-normed hidden state."""
     from .fused import FusedLayers
 
@@ -346,10 +363,11 @@ def _fused_layers(b: DecoderBuilder, x: str, cos_table, sin_table, get_weight, o
     pending, residual = None, x
     for i in range(b.c.num_hidden_layers):
         attn, mlp, input_norm, post_attn_norm = _layer_weights(get_weight, i)
+        power = calibration.layer(attn, mlp, input_norm, post_attn_norm) if calibration else {}
         h, residual = fused.add_and_norm(pending, residual, input_norm, f"layers.{i}.input_norm")
-        pending = fused.attention(i, h, attn)
+        pending = fused.attention(i, h, attn, power)
         h, residual = fused.add_and_norm(pending, residual, post_attn_norm, f"layers.{i}.post_attn_norm")
-        pending = fused.mlp(i, h, mlp)
+        pending = fused.mlp(i, h, mlp, power)
         del attn, mlp
         on_layer(i)
     return fused.add_and_norm(pending, residual, get_weight("model.norm.weight"), "final_norm")[0]

@@ -18,9 +18,10 @@ from ..progress import SILENT, Progress
 from ..sources import ModelSource, open_source
 from .decoder import DecoderOptions, build_decoder, kv_names
 from .graph import GraphBuilder
-from .quantize import ALGOS
+from .calibration import DEFAULT_TOKENS, load_calibration_ids
 
 QUANT_MODES = ("int4", "int8", "fp16", "fp32")
+ALGOS = ("rtn", "mse", "act-mse")
 MODEL_FILE = "model.onnx"
 
 
@@ -38,8 +39,10 @@ class OnnxExportOptions:
     # MatMulNBits accuracy_level: 0 computes in the activation type; 4 quantizes activations to int8 per
     # block (faster on CPUs with VNNI, slightly less exact).
     accuracy_level: int = 0
-    # int4/int8 algorithm: "rtn" (round to nearest) or "mse" (per-block clipping search), see quantize.py.
+    # int4/int8 algorithm: "rtn" (round to nearest), "mse" (per-block clipping search, see quantize.py) or
+    # "act-mse" (the same search weighted by calibration activations, see calibration.py).
     algo: str = "rtn"
+    calibration_file: Path | None = None  # text for act-mse; None = the built-in calibration text
     force: bool = False
 
     def decoder_options(self, max_positions: int) -> DecoderOptions:
@@ -77,9 +80,13 @@ def export_onnx(model: str, output: Path, options: OnnxExportOptions, progress: 
     source = open_source(model)
     decoder = options.decoder_options(source.config.max_position_embeddings)
     with staged_output(Path(output), options.force) as staging:
-        _write_model(staging, source, decoder, progress)
         progress.step("writing tokenizer, chat template and generation config")
         source.write_tokenizer(staging)
+        calibration_ids = None
+        if decoder.algo == "act-mse" and decoder.weight_bits:
+            calibration_ids = load_calibration_ids(staging / "tokenizer.json", options.calibration_file)
+            progress.step(f"calibrating on {len(calibration_ids)} tokens while building")
+        _write_model(staging, source, decoder, progress, calibration_ids)
         (staging / "generation_config.json").write_text(json.dumps(source.generation_config, indent=2) + "\n")
         (staging / "config.json").write_text(json.dumps(source.config_dict, indent=2, default=str) + "\n")
         progress.step("checksumming")
@@ -88,7 +95,8 @@ def export_onnx(model: str, output: Path, options: OnnxExportOptions, progress: 
     return manifest
 
 
-def _write_model(folder: Path, source: ModelSource, decoder: DecoderOptions, progress: Progress) -> None:
+def _write_model(folder: Path, source: ModelSource, decoder: DecoderOptions, progress: Progress,
+                 calibration_ids: list[int] | None) -> None:  # fmt: skip
     config = source.config
     graph = GraphBuilder(folder / MODEL_FILE)
     try:
@@ -99,6 +107,7 @@ def _write_model(folder: Path, source: ModelSource, decoder: DecoderOptions, pro
             decoder,
             source.get_weight,
             on_layer=lambda i: progress.count("layers", i + 1, config.num_hidden_layers),
+            calibration_ids=calibration_ids,
         )
         graph.save(metadata={"smolexport_version": __version__})
     finally:
@@ -125,6 +134,11 @@ def _manifest(source: ModelSource, options: OnnxExportOptions, decoder: DecoderO
         "quant": {
             "mode": options.quant,
             "algo": decoder.algo if decoder.weight_bits else None,
+            "calibration": (
+                {"text": str(options.calibration_file or "built-in"), "max_tokens": DEFAULT_TOKENS}
+                if decoder.algo == "act-mse" and decoder.weight_bits
+                else None
+            ),
             "weight_bits": decoder.weight_bits,
             "lm_head_bits": decoder.lm_head_bits,
             "block_size": decoder.block_size if decoder.weight_bits else None,

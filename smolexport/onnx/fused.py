@@ -40,14 +40,14 @@ class FusedLayers:
         )  # fmt: skip
         return normed, summed
 
-    def attention(self, i: int, x: str, w: dict) -> str:
+    def attention(self, i: int, x: str, w: dict, power: dict) -> str:
         from .decoder import kv_names
 
         b, g, c, name = self.b, self.g, self.c, f"layers.{i}.attn"
         qkv_weight = np.concatenate([w["q"], w["k"], w["v"]], axis=0)
         biases = [w.get(f"{k}_bias") for k in "qkv"]
         qkv_bias = None if biases[0] is None else np.concatenate(biases)
-        qkv = b.linear(x, f"{name}.qkv_proj", qkv_weight, qkv_bias, b.o.weight_bits)
+        qkv = b.linear(x, f"{name}.qkv_proj", qkv_weight, qkv_bias, b.o.weight_bits, power.get("qkv"))
         io = kv_names(i)
         g.node_to(
             "GroupQueryAttention",
@@ -56,15 +56,16 @@ class FusedLayers:
             domain=MS_DOMAIN, num_heads=c.num_attention_heads, kv_num_heads=c.num_key_value_heads,
             scale=float(1.0 / np.sqrt(c.head_dim)), do_rotary=1, rotary_interleaved=0,
         )  # fmt: skip
-        return b.linear(f"{name}/context", f"{name}.o_proj", w["o"], w.get("o_bias"), b.o.weight_bits)
+        return b.linear(f"{name}/context", f"{name}.o_proj", w["o"], w.get("o_bias"), b.o.weight_bits, power.get("o"))
 
-    def mlp(self, i: int, x: str, w: dict) -> str:
+    def mlp(self, i: int, x: str, w: dict, power: dict) -> str:
         b, g, name = self.b, self.g, f"layers.{i}.mlp"
         f = w["gate"].shape[0]
         biases = [w.get("gate_bias"), w.get("up_bias")]
         bias = None if biases[0] is None else np.concatenate(biases)
-        gate_up = b.linear(x, f"{name}.gate_up_proj", np.concatenate([w["gate"], w["up"]]), bias, b.o.weight_bits)
+        packed = np.concatenate([w["gate"], w["up"]])
+        gate_up = b.linear(x, f"{name}.gate_up_proj", packed, bias, b.o.weight_bits, power.get("gate_up"))
         gate, up = g.node("Split", [gate_up, g.const([f, f])], f"{name}/split", n_outputs=2, axis=-1)
         act = g.node("Mul", [gate, g.node("Sigmoid", [gate], f"{name}/sigmoid")], f"{name}/silu")
-        return b.linear(g.node("Mul", [act, up], f"{name}/gated"), f"{name}.down_proj", w["down"],
-                        w.get("down_bias"), b.o.weight_bits)  # fmt: skip
+        gated = g.node("Mul", [act, up], f"{name}/gated")
+        return b.linear(gated, f"{name}.down_proj", w["down"], w.get("down_bias"), b.o.weight_bits, power.get("down"))
