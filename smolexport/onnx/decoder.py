@@ -18,8 +18,8 @@ import numpy as np
 from onnx import TensorProto
 
 from ..llama_config import LlamaConfig
-from .graph import MS_DOMAIN, GraphBuilder
 from .calibration import Calibration
+from .graph import MS_DOMAIN, GraphBuilder
 from .quantize import quantize_blockwise
 from .rope import rope_tables
 

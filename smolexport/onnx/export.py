@@ -16,9 +16,9 @@ from ..errors import UsageError
 from ..packaging import staged_output, write_manifest
 from ..progress import SILENT, Progress
 from ..sources import ModelSource, open_source
+from .calibration import DEFAULT_TOKENS, load_calibration_ids
 from .decoder import DecoderOptions, build_decoder, kv_names
 from .graph import GraphBuilder
-from .calibration import DEFAULT_TOKENS, load_calibration_ids
 
 QUANT_MODES = ("int4", "int8", "fp16", "fp32")
 ALGOS = ("rtn", "mse", "act-mse")
