@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .errors import SmolexportError
+from .errors import SmolexportError, UsageError
 from .onnx.export import QUANT_MODES, OnnxExportOptions, export_onnx
 from .progress import Progress
 from .sources import DEFAULT_MODEL
@@ -19,6 +19,13 @@ from .sources import DEFAULT_MODEL
 # transformers' GGUF loader draws an unconditional tqdm bar; we report progress ourselves. tqdm reads this
 # variable when it is first imported, so it is set before anything imports it.
 os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+def writable(path: Path | None) -> Path | None:
+    """Checks an output file's folder before hours of work, not after."""
+    if path is not None and not path.absolute().parent.is_dir():
+        raise UsageError(f"cannot write {path}: folder {path.absolute().parent} does not exist")
+    return path
 
 
 def user_errors(command):
@@ -147,7 +154,7 @@ def onnx_command(
 @click.option("--greedy", is_flag=True, help="Always pick the most likely token.")
 @click.option("--temperature", type=click.FloatRange(0), default=None, help="Sampling temperature (default: greedy).")
 @click.option("--top-k", type=click.IntRange(0), default=None)
-@click.option("--top-p", type=click.FloatRange(0, 1), default=None)
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=None)
 @click.option("--seed", type=int, default=None)
 @click.option("--system", default=None, help="System prompt.")
 @click.option("--raw", is_flag=True, help="Feed PROMPT as plain text, without the chat template.")
@@ -161,6 +168,8 @@ def run_command(
     """Generate an answer to PROMPT with an export; prints only the generated text on stdout."""
     from smolexport_runtime import load
 
+    if any(not s for s in stop):
+        raise UsageError("--stop takes a non-empty string")
     model = load(export_dir, providers=provider, threads=threads)
     if raw:
         request = prompt
@@ -252,6 +261,7 @@ def validate_command(
     from .validate.baseline import Tolerances, baseline_summary, compare, load_baseline
     from .validate.thresholds import parse_overrides
 
+    writable(json_out), writable(markdown_out)
     tolerances = Tolerances(max_top1_drop, max_kl_increase, max_ppl_increase, max_latency_increase)
     baseline = load_baseline(baseline_file) if baseline_file else None  # a bad baseline fails before the work
     report = validate_export(
@@ -294,6 +304,7 @@ def bench_command(export_dir, threads, runs, context, provider, json_out):
     """Time to first token, decode speed, peak memory and size of an export (in a process of its own)."""
     from .bench import run_bench
 
+    writable(json_out)
     result = run_bench(export_dir, threads=threads, runs=runs, context=context, provider=provider)
     if json_out:
         json_out.write_text(json.dumps(result, indent=2) + "\n")

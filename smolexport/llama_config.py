@@ -38,6 +38,11 @@ class LlamaConfig:
                 f"unsupported architecture {found}: smolexport exports Llama-architecture models "
                 f"({', '.join(SUPPORTED_ARCHITECTURES)}, model_type 'llama'), such as SmolLM2"
             )
+        if config.get("quantization_config"):
+            method = config["quantization_config"].get("quant_method", "quantized")
+            raise SmolexportError(
+                f"the checkpoint is already quantized ({method}); export from the original float weights"
+            )
         if config.get("hidden_act", "silu") != "silu":
             raise SmolexportError(f"unsupported hidden_act {config['hidden_act']!r}: only 'silu' is supported")
         heads = config["num_attention_heads"]

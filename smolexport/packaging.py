@@ -47,6 +47,9 @@ def staged_output(output: Path, force: bool) -> Iterator[Path]:
         raise SmolexportError(f"{output} already exists; pass --force to replace it")
     if output.exists() and not output.is_dir():
         raise SmolexportError(f"{output} exists and is not a folder")
+    if output.exists() and any(output.iterdir()) and not (output / MANIFEST).is_file():
+        # --force replaces an earlier export, never an unrelated folder (`--output ~/models --force`).
+        raise SmolexportError(f"{output} is not empty and not a smolexport export; refusing to replace it")
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
     umask = os.umask(0)

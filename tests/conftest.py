@@ -72,9 +72,10 @@ def make_tiny_llama(folder: Path, *, heads=4, kv_heads=2, tied=True, layers=2, h
 
 
 def empty_cache(manifest: dict, batch: int) -> dict[str, np.ndarray]:
+    """Feeds for a first call: empty pasts, and logits for every position."""
     m = manifest["model"]
     dtype = np.float16 if manifest["kv_cache"]["dtype"] == "float16" else np.float32
-    feed = {}
+    feed = {"logits_to_keep": np.array([0], dtype=np.int64)}
     for i in range(m["num_layers"]):
         for kind in ("key", "value"):
             feed[f"past_key_values.{i}.{kind}"] = np.zeros((batch, m["num_kv_heads"], 0, m["head_dim"]), dtype)

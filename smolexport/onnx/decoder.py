@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from onnx import TensorProto
 
+from ..errors import SmolexportError
 from ..llama_config import LlamaConfig
 from .calibration import Calibration
 from .graph import MS_DOMAIN, GraphBuilder
@@ -216,12 +217,8 @@ class DecoderBuilder:
             def lm_head(x: str) -> str:  # Gemm with transB reads the [V, H] table in place: no transposed copy
                 flat = g.node("Reshape", [x, g.const([-1, hidden])], "lm_head/flat")
                 y = g.node("Gemm", [flat, table], "lm_head", transB=1)
-                shape = g.node(
-                    "Concat",
-                    [g.node("Shape", ["input_ids"], "lm_head/ids_shape"), g.const([vocab])],
-                    "lm_head/shape",
-                    axis=0,
-                )
+                batch_seq = g.node("Shape", [x], "lm_head/x_shape", start=0, end=2)  # [B, kept]
+                shape = g.node("Concat", [batch_seq, g.const([vocab])], "lm_head/shape", axis=0)
                 return g.node("Reshape", [y, shape], "lm_head/logits")
 
             return embedded, lm_head
@@ -280,6 +277,7 @@ def build_decoder(
 ) -> None:
     """Adds the whole decoder to `g`. `get_weight(hf_name)` returns a float32 array or None if absent.
     `calibration_ids` (token ids of a calibration text) are needed for algo act-mse."""
+    get_weight = _requiring(get_weight)
     c, b = config, DecoderBuilder(g, config, options)
     float_type = b.onnx_dtype
     g.input("input_ids", TensorProto.INT64, ["batch", "seq"])
@@ -306,11 +304,11 @@ def build_decoder(
     else:
         x = _standard_layers(b, x, cos_table, sin_table, get_weight, on_layer, calibration)
 
-    # Prefill only needs the last position's logits: `logits_to_keep` (default 0 = all) keeps the last k.
-    keep = g.initializer("logits_to_keep", np.array([0], dtype=np.int64))
-    g.input("logits_to_keep", TensorProto.INT64, [1])
-    x = g.node("Slice", [x, g.node("Neg", [keep], "logits_to_keep/start"), g.const([2**62]), g.const([1])],
-               "logits_to_keep/slice")  # fmt: skip
+    # Prefill only needs the last position's logits: `logits_to_keep` [1] (0 = all) keeps the last k. A plain
+    # input, not an initializer with a default: onnxruntime hides such inputs from IO binding.
+    keep = g.input("logits_to_keep", TensorProto.INT64, [1])
+    start = g.node("Neg", [keep], "logits_to_keep/start")
+    x = g.node("Slice", [x, start, g.const([2**62]), g.const([1])], "logits_to_keep/slice")
     if lm_head_weight is None:
         logits = tied_lm_head(x)
     else:  # untied: a separate [vocab, hidden] matrix
@@ -323,6 +321,23 @@ def build_decoder(
         io = kv_names(i)
         for key in ("present_key", "present_value"):
             g.output(io[key], float_type, ["batch", c.num_key_value_heads, "total_seq", c.head_dim])
+
+
+OPTIONAL_SUFFIXES = (".bias",)
+
+
+def _requiring(get_weight: Callable[[str], np.ndarray | None]) -> Callable[[str], np.ndarray | None]:
+    """Absent biases are fine; any other missing tensor is a checkpoint we cannot export, said clearly."""
+
+    def get(name: str) -> np.ndarray | None:
+        weight = get_weight(name)
+        if weight is None and not name.endswith(OPTIONAL_SUFFIXES) and name != "lm_head.weight":
+            raise SmolexportError(
+                f"the checkpoint has no tensor {name!r}: not a plain (unquantized) Llama checkpoint"
+            )
+        return weight
+
+    return get
 
 
 def _layer_weights(get_weight, i: int) -> tuple[dict, dict, np.ndarray, np.ndarray]:

@@ -183,7 +183,10 @@ def validate_export(
     for n, prompt in enumerate(prompts, 1):
         progress.count("prompts", n, len(prompts))
         prompt_ids = export.encode(prompt, chat=True)
-        continuation = _reference_greedy(torch_model, prompt_ids, max_new_tokens, eos_ids)
+        room = manifest.model.context_length - len(prompt_ids)
+        if room < 1:
+            raise SmolexportError(f"prompt {n} has {len(prompt_ids)} tokens, over the export's context")
+        continuation = _reference_greedy(torch_model, prompt_ids, min(max_new_tokens, room), eos_ids)
         tokens = np.array(prompt_ids + continuation)
         ref_logits = _torch_logits(torch_model, tokens)[len(prompt_ids) - 1 : -1]
         exp_logits = _export_logits_cached(export.decoder, prompt_ids, continuation, timings)

@@ -135,3 +135,32 @@ def test_validate_usage_errors(tiny_export, tmp_path):
     bad.write_text('{"not": "a list"}')
     assert_one_line_error(run_cli("validate", tiny_export, "--prompts", bad), 2, "JSON list")
     assert_one_line_error(run_cli("validate", tiny_export, "--threshold", "speed=3"), 2, "unknown threshold")
+
+
+def test_force_never_replaces_an_unrelated_folder(tiny_models, tmp_path):
+    precious = tmp_path / "models"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    result = run_cli("onnx", "--model", tiny_models["gqa_tied"][0], "--output", precious, "--force", "-q")
+    assert_one_line_error(result, 1, "not a smolexport export")
+    assert (precious / "notes.txt").read_text() == "keep me"
+
+
+def test_checkpoint_missing_a_tensor(tiny_models, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    folder = tmp_path / "partial"
+    shutil.copytree(tiny_models["gqa_tied"][0], folder)
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["model.layers.1.mlp.down_proj.weight"]
+    save_file(tensors, folder / "model.safetensors")
+    result = run_cli("onnx", "--model", folder, "--output", tmp_path / "out", "-q")
+    assert_one_line_error(result, 1, "model.layers.1.mlp.down_proj.weight")
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_sampling_flags_and_output_paths(tiny_export, tmp_path):
+    assert run_cli("run", tiny_export, "hi", "--top-p", "0").exit_code == 2
+    assert_one_line_error(run_cli("run", tiny_export, "hi", "--stop", ""), 2, "--stop")
+    result = run_cli("validate", tiny_export, "--json", tmp_path / "no" / "such" / "report.json")
+    assert_one_line_error(result, 2, "does not exist")

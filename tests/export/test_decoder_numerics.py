@@ -74,6 +74,10 @@ def test_prefill_and_cached_decode_match_pytorch(tiny_models, tmp_path, which, q
     real = mask.astype(bool)  # padded positions produce unused logits
     np.testing.assert_allclose(outputs["logits"][real], expected[real], atol=tolerance, rtol=0)
     assert outputs["present.0.key"].shape == (2, model.config.num_key_value_heads, 9, 16)
+    prefill = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, **empty_cache(manifest, 2)}
+    last = run_onnx(out, manifest, {**prefill, "logits_to_keep": np.array([1])})["logits"]
+    assert last.shape == (2, 1, vocab)  # what the runtime asks for in prefill
+    np.testing.assert_allclose(last[:, 0], outputs["logits"][:, -1], atol=1e-5, rtol=0)
 
     # Three decode steps through the cache equal one uncached pass over the whole sequence.
     cache = {k.replace("present", "past_key_values"): v for k, v in outputs.items() if k.startswith("present")}

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from smolexport_runtime import load
+from tests.export.test_decoder_numerics import quantized_copy
 
 from smolexport.onnx.export import OnnxExportOptions, export_onnx
 
 
-def test_runtime_greedy_generation_matches_transformers(tiny_models, tmp_path):
-    folder, model = tiny_models["mha_untied"]
-    export_onnx(str(folder), tmp_path / "e", OnnxExportOptions(quant="fp32"))
+@pytest.mark.parametrize("which", ["gqa_tied", "mha_untied"])
+@pytest.mark.parametrize("quant", ["fp32", "int4"])
+def test_runtime_greedy_generation_matches_transformers(tiny_models, tmp_path, which, quant):
+    folder, model = tiny_models[which]
+    export_onnx(str(folder), tmp_path / "e", OnnxExportOptions(quant=quant))
+    if quant == "int4":  # compare with the weights the int4 kernels compute with
+        model = quantized_copy(model, 4, 32)
     runtime = load(tmp_path / "e")
+    assert runtime.decoder.keeps_logits  # prefill computes the last position's logits only
     prompt_ids = runtime.encode("w7 w8 w9 w10", chat=True)
     with torch.no_grad():
         expected = model.generate(

@@ -58,7 +58,7 @@ def run(export_dir: Path, threads: int, runs: int, decode_tokens: int, long_toke
     chat_ids = model.encode(CHAT_PROMPT)
     limit = model.context_length or long_tokens + 1
     long_ids = prompt_of_length(model, min(long_tokens, limit - 1))  # a model with a short context gets less
-
+    decode_tokens = max(1, min(decode_tokens, limit - len(chat_ids) - 1))
     _, token, cache, length = timed_first_token(decoder, chat_ids)  # warm-up
     for _ in range(8):
         logits, cache, length = decode_one_token(decoder, token, cache, length)

@@ -167,7 +167,7 @@ class OnnxDecoder:
         for name, value in (("input_ids", input_ids), ("attention_mask", attention_mask),
                             ("position_ids", position_ids)):  # fmt: skip
             binding.bind_cpu_input(name, value)
-        if logits_to_keep and self.keeps_logits:
+        if self.keeps_logits:
             binding.bind_cpu_input("logits_to_keep", np.array([logits_to_keep], dtype=np.int64))
         for name, value in zip(self.past_names, past, strict=True):
             if isinstance(value, np.ndarray):
