@@ -38,8 +38,9 @@ class LlamaConfig:
                 f"unsupported architecture {found}: smolexport exports Llama-architecture models "
                 f"({', '.join(SUPPORTED_ARCHITECTURES)}, model_type 'llama'), such as SmolLM2"
             )
-        if config.get("quantization_config"):
-            method = config["quantization_config"].get("quant_method", "quantized")
+        method = str((config.get("quantization_config") or {}).get("quant_method", "")).lower()
+        if config.get("quantization_config") and "gguf" not in method:  # GGUF weights arrive dequantized
+            method = method or "quantized"
             raise SmolexportError(
                 f"the checkpoint is already quantized ({method}); export from the original float weights"
             )

@@ -82,3 +82,12 @@ def test_mse_search_never_loses_to_round_to_nearest():
             per_block.append(err.reshape(64, 4, 32).sum(axis=2))
         assert np.all(per_block[1] <= per_block[0] + 1e-6)
         assert per_block[1].sum() < per_block[0].sum()
+
+
+def test_prequantized_checkpoints_are_refused_but_gguf_is_not():
+    base = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "intermediate_size": 128, "vocab_size": 10}  # fmt: skip
+    with pytest.raises(SmolexportError, match="already quantized"):
+        LlamaConfig.from_dict({**base, "quantization_config": {"quant_method": "gptq", "bits": 4}})
+    # transformers dequantizes GGUF files on load and leaves this marker in the config
+    LlamaConfig.from_dict({**base, "quantization_config": {"quant_method": "QuantizationMethod.GGUF"}})
