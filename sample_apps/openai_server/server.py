@@ -35,6 +35,7 @@ from smolexport_runtime import ContextLengthError, Model, SmolexportRuntimeError
 MAX_BODY_BYTES = 1_000_000  # requests over this get 413
 DRAIN_FACTOR = 8  # a refused body up to 8x the limit is read and dropped, so that its client sees the 413
 MAX_STOP_STRINGS = 16
+_MSG_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)  # not on Windows, where the poll before it suffices
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -299,9 +300,9 @@ class ModelService:
         finally:
             self.lock.release()
 
-    def start(self, request: GenerationRequest, client_gone: Callable[[], bool]) -> tuple[Iterator[str], Any]:
-        """Starts a generation: returns its pieces and its live GenerationStats. Call only inside `turn()`.
-        The pieces stop early once `client_gone()` says the client has left."""
+    def start(self, request: GenerationRequest, client_gone: Callable[[], bool]) -> tuple[Generation, Any]:
+        """Starts a generation: returns its pieces and its live GenerationStats. Call only inside `turn()`, and
+        always `close()` the pieces, read or not. They stop early once `client_gone()` says the client has left."""
         try:
             pieces = self.model.stream(request.prompt, **request.sampling())
         except ContextLengthError as exc:
@@ -311,20 +312,46 @@ class ModelService:
         stats = self.model.last_stats
         self.stats.requests += 1
         self.stats.current = stats
-        return self._run(pieces, stats, client_gone), stats
+        return Generation(self, pieces, stats, client_gone), stats
 
-    def _run(self, pieces: Iterator[str], stats: Any, client_gone: Callable[[], bool]) -> Iterator[str]:
+
+class Generation:
+    """A running generation's pieces. `close()` ends it and books it in the service's stats, also when it was
+    never read (a generator's `finally` would not run then); closing twice is harmless."""
+
+    def __init__(
+        self, service: ModelService, pieces: Iterator[str], stats: Any, client_gone: Callable[[], bool]
+    ) -> None:
+        self._service, self._pieces, self._stats, self._client_gone = service, pieces, stats, client_gone
+        self._closed = False
+
+    def __iter__(self) -> Generation:
+        return self
+
+    def __next__(self) -> str:
+        if self._closed:
+            raise StopIteration
         try:
-            for piece in pieces:
-                if client_gone():
-                    self.stats.cancelled += 1
-                    break
-                yield piece
+            piece = next(self._pieces)
+            if self._client_gone():
+                self._service.stats.cancelled += 1
+                raise StopIteration
+        except BaseException:
+            self.close()
+            raise
+        return piece
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._pieces.close()  # type: ignore[attr-defined]  # stops the decoder loop and frees the KV cache now
         finally:
-            pieces.close()  # type: ignore[attr-defined]  # stops the decoder loop and frees the KV cache now
-            self.stats.current = None
-            self.stats.finished += 1
-            self.stats.tokens_done += stats.completion_tokens
+            stats = self._service.stats
+            stats.current = None
+            stats.finished += 1
+            stats.tokens_done += self._stats.completion_tokens
 
 
 # --- HTTP -----------------------------------------------------------------------------------------
@@ -368,6 +395,10 @@ class Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self, method: str) -> None:
         self._response_started = False
+        self._streaming = False  # the answer is a stream: its events show whether the client is still there
+        self._peer_eof = False  # the client sent end of input: closed, or only half-closed
+        self._probing = False  # a non-streamed answer's head is out, and its body is being sent as chunks
+        self._gone = False
         # A body we do not read would be parsed as the next request: such connections are closed after answering.
         self._body_pending = self.headers.get("Content-Length", "0").strip() not in ("", "0") or bool(
             self.headers.get("Transfer-Encoding")
@@ -476,6 +507,7 @@ class Handler(BaseHTTPRequestHandler):
         service = self.server.service
         body = self._read_json()
         request = service.parse(body, chat)
+        self._streaming = request.stream
         prompt_tokens = service.check_prompt(request)
         created = int(time.time())
         ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
@@ -484,13 +516,17 @@ class Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
                 return
             pieces, stats = service.start(request, self._client_gone)
-            if request.stream:
-                self._stream(request, pieces, stats, ident, created, chat)
-            else:
+            try:
+                if request.stream:
+                    self._stream(request, pieces, stats, ident, created, chat)
+                    return
                 try:
                     text = "".join(pieces)
                 finally:
-                    pieces.close()  # type: ignore[attr-defined]
+                    pieces.close()
+                if self._gone:
+                    self.close_connection = True
+                    return
                 usage = _usage(stats.prompt_tokens or prompt_tokens, stats.completion_tokens)
                 if chat:
                     choice = {"index": 0, "message": {"role": "assistant", "content": text}}
@@ -507,10 +543,16 @@ class Handler(BaseHTTPRequestHandler):
                     "choices": [choice],
                     "usage": usage,
                 }
-                self._send_json(200, response)
+                if self._probing:  # the head went out already, as a probe: the body follows as chunks
+                    self._write_chunk(json.dumps(response, ensure_ascii=False).encode())
+                    self._write_chunk(b"")
+                else:
+                    self._send_json(200, response)
+            finally:
+                pieces.close()  # whatever happened above, the generation ends and is booked
 
     def _stream(
-        self, request: GenerationRequest, pieces: Iterator[str], stats: Any, ident: str, created: int, chat: bool
+        self, request: GenerationRequest, pieces: Generation, stats: Any, ident: str, created: int, chat: bool
     ) -> None:
         service = self.server.service
         obj = "chat.completion.chunk" if chat else "text_completion"
@@ -527,14 +569,14 @@ class Handler(BaseHTTPRequestHandler):
             choice.update(logprobs=None, finish_reason=finish_reason)
             return {"id": ident, "object": obj, "created": created, "model": service.name, "choices": [choice]}
 
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.send_header("X-Accel-Buffering", "no")
-        self.end_headers()
-        self._response_started = True
         try:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+            self.send_header("Cache-Control", "no-cache")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.send_header("X-Accel-Buffering", "no")
+            self.end_headers()
+            self._response_started = True
             if chat:
                 self._event(chunk("", first=True))
             for piece in pieces:
@@ -550,12 +592,14 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         except Exception as exc:  # the status is sent already: report it as an error event, then hang up
             self.close_connection = True
+            if not self._response_started:
+                raise  # nothing sent yet: _dispatch answers 500
             self.log_error("error while streaming: %r", exc)
             error = ApiError(500, "internal server error while generating", type="server_error")
             with suppress(OSError):
                 self._event(error.body())
         finally:
-            pieces.close()  # type: ignore[attr-defined]
+            pieces.close()
 
     def _event(self, payload: dict[str, Any]) -> None:
         self._write_chunk(b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n")
@@ -565,12 +609,48 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
     def _client_gone(self) -> bool:
-        """True once the client has closed its connection (readable with nothing to read)."""
-        try:
-            readable, _, _ = select.select([self.connection], [], [], 0)
-            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
-        except (OSError, ValueError):
+        """True once the client has gone away. A connection reset (or one that errors) is gone. End of input
+        is not proof: a client may shut down its sending side after a complete request (a half-close) and still
+        wait for the answer. So after end of input, a non-streamed answer sends its head early and then one
+        space of its JSON body per token: to a client that closed for good, these bytes draw a reset, seen
+        at the next check. (A stream's own events do the same.)"""
+        if self._gone:
             return True
+        try:
+            if not self._peer_eof and self._readable_or_broken():
+                # A connection reset raises here; b"" is end of input; bytes are a next (pipelined) request.
+                self._peer_eof = self.connection.recv(1, socket.MSG_PEEK | _MSG_DONTWAIT) == b""
+            if self._peer_eof:
+                if self._readable_or_broken(broken_only=True):
+                    self._gone = True
+                elif not self._streaming and self.request_version == "HTTP/1.1":  # HTTP/1.0 reads no chunks
+                    self._probe()
+        except BlockingIOError:
+            pass
+        except OSError:
+            self._gone = True
+        return self._gone
+
+    def _readable_or_broken(self, broken_only: bool = False) -> bool:
+        """Polls the connection without waiting. poll(), unlike select(), works for descriptors >= 1024."""
+        if not hasattr(select, "poll"):  # Windows: its select() has no descriptor limit; a reset shows on write
+            readable, _, broken = select.select([self.connection], [], [self.connection], 0)
+            return bool(broken) if broken_only else bool(readable or broken)
+        poller = select.poll()
+        broken_mask = select.POLLERR | select.POLLHUP | select.POLLNVAL
+        poller.register(self.connection, broken_mask if broken_only else broken_mask | select.POLLIN)
+        return bool(poller.poll(0))
+
+    def _probe(self) -> None:
+        """Writes a byte the client will read as part of its answer: the head of a chunked JSON response
+        first, then one leading space of the body (JSON allows leading whitespace)."""
+        if not self._probing:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self._response_started = self._probing = True
+        self._write_chunk(b" ")
 
     # -- small responses
 
