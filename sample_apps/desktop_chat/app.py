@@ -38,12 +38,13 @@ Message = dict[str, str]
 
 def fit_history(model: Model, messages: list[Message], reserve: int) -> list[Message]:
     """Drops the oldest turns (never the system prompt or the newest message) until the prompt leaves
-    `reserve` tokens of the context free for the answer."""
+    `reserve` tokens of the context free for the answer. Renders the chat template at least once, so that a
+    model without one (or a template that refuses the messages) raises ChatTemplateError here."""
     if model.context_length is None:
         return messages
     system = [m for m in messages[:1] if m["role"] == "system"]
     turns = messages[len(system) :]
-    while len(turns) > 1 and len(model.encode(system + turns, chat=True)) > model.context_length - reserve:
+    while len(model.encode(system + turns, chat=True)) > model.context_length - reserve and len(turns) > 1:
         turns = turns[2:] if len(turns) > 2 else turns[1:]
     return system + turns
 
@@ -249,12 +250,18 @@ class ChatWindow(QMainWindow):
         text = self.input.text().strip()
         if not text or self.model is None or self.busy:
             return
-        self.input.clear()
         self.history.append({"role": "user", "content": text})
         system = self.system_edit.text().strip()
         messages = ([{"role": "system", "content": system}] if system else []) + self.history
         reserve = min(self.max_tokens.value(), (self.model.context_length or 4096) // 4)
-        messages = fit_history(self.model, messages, reserve)
+        try:
+            messages = fit_history(self.model, messages, reserve)  # renders the chat template: it may refuse
+        except SmolexportRuntimeError as exc:  # e.g. a model without a chat template
+            self.history.pop()  # the question was not asked: keep it in the input box instead
+            self._note(f"error: {exc}")
+            self.statusBar().showMessage("Error")
+            return
+        self.input.clear()
         self._label("You", "#1f5fbf")
         self._write(text)
         self._label("Assistant", "#2e7d32")
