@@ -77,10 +77,15 @@ def run_cli(args, **kwargs):
     return subprocess.run(exe, cwd=REPO.parent, capture_output=True, text=True, timeout=60, **kwargs)
 
 
-def test_chat_command_in_a_real_process(tiny_export):
+def test_chat_command_in_a_real_process(tiny_export, tiny_model):
     result = run_cli(["chat", str(tiny_export), "--temperature", "0", "--max-new-tokens", "4"], input="w5\n")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("commands:") and result.stdout.count("w") >= 4
+    expected = answer(tiny_model, [{"role": "user", "content": "w5"}], n=4)  # greedy, the same message
+    assert expected.strip()
+    # The transcript: help line, the echoed question, the streamed answer, then the prompt that met end of input.
+    help_line, _, rest = result.stdout.partition("\n")
+    assert help_line.startswith("commands:")
+    assert rest == f"> w5\n{expected}\n> \n"
 
 
 def test_serve_command(tiny_export):
