@@ -1,0 +1,234 @@
+"""Fidelity table: smolexport's variants and the peers a user would pick instead, on the same 135M weights.
+
+    .venv/bin/python benchmarks/fidelity.py [--weights orig degrid] [--output benchmarks/results]
+
+Run with the project's .venv; the peers run in their own venvs (benchmarks/setup_peers.sh builds them under
+benchmarks/work/) through benchmarks/peers/worker.py, and logits travel through .npz files.
+
+For each weight set (`orig`: benchmarks/work/smollm2-135m-instruct, the bundled GGUF dequantized; `degrid`:
+the de-gridded copy, see make_135m_checkpoints.py) the reference is transformers fp32 on that same folder, and
+every variant is built from that folder:
+- smolexport int8, int4 rtn / mse / act-mse / act-mse --lm-head-bits 8: `smolexport onnx`, then
+  `smolexport validate EXPORT --reference FOLDER --json` (its report's overall top1_agreement, mean_kl,
+  ppl_ratio);
+- onnxruntime-genai 0.18 model builder int4 and int8 (`-e cpu`), logits from its generate API
+  (`Generator.get_output("logits")` after `append_tokens`);
+- llama.cpp through llama-cpp-python: F32 GGUF of the folder (make_ggufs.py) quantized by llama.cpp to Q4_0,
+  Q4_K_M, Q8_0, logits with `logits_all=True`;
+- optimum's ONNX export (`optimum-cli export onnx --task text-generation-with-past`) fp32, and int4 with
+  onnxruntime's MatMulNBitsQuantizer (block 32), logits from ORTModelForCausalLM.
+The peers get the same token ids as `smolexport validate` (the export's tokenizer and chat template, the
+reference's greedy 32-token continuation of each built-in prompt, the built-in text) and the same metrics
+(smolexport.validate.metrics.compare_logits, pooled over all positions as in the validate report). Peers
+score each sequence in one uncached pass; smolexport's validate runs its export through the KV cache.
+
+Artifact MB counts the files that hold the model (.onnx, .onnx.data / .data, .gguf), not tokenizer or config
+files; bits per weight = artifact bits / the checkpoint's parameter count (134.5M, tied embedding once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
+WORK = BENCH / "work"
+VENV = ROOT / ".venv" / "bin"
+PEERS = WORK / "venv-peers" / "bin" / "python"
+OPTIMUM = WORK / "venv-optimum" / "bin"
+WORKER = BENCH / "peers" / "worker.py"
+FOLDERS = {"orig": WORK / "smollm2-135m-instruct", "degrid": WORK / "smollm2-135m-instruct-degrid"}
+
+OURS = {
+    "smolexport int8": ["--quant", "int8"],
+    "smolexport int4 rtn": ["--quant", "int4", "--algo", "rtn"],
+    "smolexport int4 mse": ["--quant", "int4", "--algo", "mse"],
+    "smolexport int4 act-mse": ["--quant", "int4", "--algo", "act-mse"],
+    "smolexport int4 act-mse, lm_head 8-bit": ["--quant", "int4", "--algo", "act-mse", "--lm-head-bits", "8"],
+}
+GGUF_TYPES = ["Q8_0", "Q4_K_M", "Q4_0"]
+
+
+def run(cmd: list, **kw) -> None:
+    print("+", " ".join(str(c) for c in cmd), flush=True)
+    subprocess.run([str(c) for c in cmd], check=True, **kw)
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
+
+
+# --- building every variant -------------------------------------------------------------------------------
+
+
+def build(weights: str) -> list[dict]:
+    """Builds (when missing) every variant of one weight set; returns [{name, kind, path, backend}]."""
+    folder = FOLDERS[weights]
+    out = WORK / "fidelity" / weights
+    out.mkdir(parents=True, exist_ok=True)
+    variants = []
+    for name, flags in OURS.items():
+        path = out / slug(name)
+        if not (path / "smolexport.json").exists():
+            run([VENV / "smolexport", "onnx", "--model", folder, *flags, "--output", path, "--force", "-q"])
+        variants.append({"name": name, "kind": "ours", "path": path})
+    for precision in ["int4", "int8"]:
+        path = out / f"genai-{precision}"
+        if not (path / "genai_config.json").exists():
+            run([PEERS, "-m", "onnxruntime_genai.models.builder", "-i", folder, "-o", path, "-p", precision,
+                 "-e", "cpu", "-c", out / "genai-cache"])  # fmt: skip
+        variants.append({"name": f"onnxruntime-genai {precision}", "kind": "genai", "path": path})
+    f32 = out / "llamacpp-f32.gguf"
+    if not f32.exists():
+        run([VENV / "python", BENCH / "make_ggufs.py", folder, f32, "--dtype", "f32"])
+    variants.append({"name": "llama.cpp F32", "kind": "llamacpp", "path": f32})
+    for kind in GGUF_TYPES:
+        path = out / f"llamacpp-{kind.lower()}.gguf"
+        if not path.exists():
+            run([PEERS, WORKER, "quantize", f32, path, kind])
+        variants.append({"name": f"llama.cpp {kind}", "kind": "llamacpp", "path": path})
+    fp32 = out / "optimum-fp32"
+    if not (fp32 / "model.onnx").exists():
+        run([OPTIMUM / "optimum-cli", "export", "onnx", "--model", folder, "--task", "text-generation-with-past", fp32])
+    variants.append({"name": "optimum fp32", "kind": "optimum", "path": fp32})
+    int4 = out / "optimum-int4"
+    if not (int4 / "model_int4.onnx").exists():
+        run([OPTIMUM / "python", BENCH / "peers" / "optimum_int4.py", fp32, int4])
+    variants.append({"name": "optimum + MatMulNBitsQuantizer int4", "kind": "optimum", "path": int4})
+    return variants
+
+
+def artifact_bytes(path: Path) -> int:
+    files = [path] if path.is_file() else list(path.iterdir())
+    model_file = lambda f: f.suffix in (".onnx", ".gguf", ".data") or f.name.endswith(".onnx.data")  # noqa: E731
+    return sum(f.stat().st_size for f in files if f.is_file() and model_file(f))
+
+
+def parameter_count(folder: Path) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for file in folder.glob("*.safetensors"):
+        with safe_open(str(file), framework="np") as f:
+            total += sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())
+    return total
+
+
+# --- reference tokens and logits, as `smolexport validate` makes them -------------------------------------
+
+
+def reference(weights: str, export_dir: Path, tmp: Path) -> dict:
+    from smolexport_runtime import load
+
+    from smolexport.sources import load_torch_model, resolve_path
+    from smolexport.validate.inputs import DEFAULT_PROMPTS, DEFAULT_TEXT
+    from smolexport.validate.report import _reference_greedy, _torch_logits
+
+    export = load(export_dir, providers="cpu")
+    model = load_torch_model(resolve_path(str(FOLDERS[weights]))[1])
+    eos = sorted(export.eos_token_ids)
+    prompts = []
+    for prompt in DEFAULT_PROMPTS:
+        ids = export.encode(prompt, chat=True)
+        continuation = _reference_greedy(model, ids, 32, eos)
+        seq = np.array(ids + continuation)
+        prompts.append({"ids": ids, "continuation": continuation, "logits": _torch_logits(model, seq)[len(ids) - 1 : -1]})
+    text_ids = export.encode(DEFAULT_TEXT, chat=False)[: export.manifest.model.context_length]
+    text = {"ids": text_ids, "logits": _torch_logits(model, np.array(text_ids))[:-1]}
+    sequences = [p["ids"] + p["continuation"] for p in prompts] + [text_ids]
+    (tmp / "tokens.json").write_text(json.dumps(sequences))
+    return {"prompts": prompts, "text": text}
+
+
+def peer_metrics(ref: dict, logits_file: Path) -> dict:
+    from smolexport.validate.metrics import compare_logits
+    from smolexport.validate.report import _overall
+
+    data = np.load(logits_file)
+    comparisons, prompt_results = [], []
+    for i, p in enumerate(ref["prompts"]):
+        rows = data[f"seq{i}"][len(p["ids"]) - 1 : -1]
+        c = compare_logits(p["logits"], rows, np.array(p["continuation"]))
+        comparisons.append(c)
+        prompt_results.append({"greedy_identical": c.greedy_match == len(p["continuation"])})
+    text_rows = data[f"seq{len(ref['prompts'])}"][:-1]
+    t = compare_logits(ref["text"]["logits"], text_rows, np.array(ref["text"]["ids"][1:]))
+    text = {"ppl_reference": float(np.exp(t.nll_reference)), "ppl_export": float(np.exp(t.nll_export))}
+    return _overall(comparisons + [t], prompt_results, text)
+
+
+def measure(weights: str, variants: list[dict], params: int) -> list[dict]:
+    tmp = WORK / "fidelity" / weights / "logits"
+    tmp.mkdir(parents=True, exist_ok=True)
+    ref = reference(weights, variants[0]["path"], tmp)
+    rows = []
+    for v in variants:
+        started = time.perf_counter()
+        if v["kind"] == "ours":
+            report = tmp / f"{slug(v['name'])}.json"
+            subprocess.run([VENV / "smolexport", "validate", v["path"], "--reference", FOLDERS[weights], "--json",
+                            report], check=False, stdout=subprocess.DEVNULL)  # fmt: skip  (exit 1 = bounds not met)
+            overall = json.loads(report.read_text())["overall"]
+        else:
+            python = OPTIMUM / "python" if v["kind"] == "optimum" else PEERS
+            out = tmp / f"{slug(v['name'])}.npz"
+            run([python, WORKER, "logits", v["kind"], v["path"], tmp / "tokens.json", out])
+            overall = peer_metrics(ref, out)
+            out.unlink()
+        size = artifact_bytes(Path(v["path"]))
+        rows.append({
+            "weights": weights, "variant": v["name"], "artifact_mb": size / 1e6, "bits_per_weight": 8 * size / params,
+            "top1_agreement": overall["top1_agreement"], "mean_kl": overall["mean_kl"],
+            "ppl_ratio": overall["ppl_ratio"], "greedy_identical_fraction": overall["greedy_identical_fraction"],
+            "positions": overall["positions"], "seconds": round(time.perf_counter() - started, 1),
+        })  # fmt: skip
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def markdown(rows: list[dict], weights: str) -> str:
+    title = {"orig": "original weights (the bundled GGUF, dequantized)", "degrid": "de-gridded weights"}[weights]
+    lines = [
+        f"**{title}**: reference transformers fp32 on `benchmarks/work/{FOLDERS[weights].name}`",
+        "",
+        "| variant | artifact MB | bits/weight | top-1 agreement | mean KL | ppl ratio | greedy identical |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r["weights"] == weights:
+            lines.append(
+                f"| {r['variant']} | {r['artifact_mb']:.0f} | {r['bits_per_weight']:.2f} | {r['top1_agreement']:.3f} | "
+                f"{r['mean_kl']:.3g} | {r['ppl_ratio']:.3f} | {r['greedy_identical_fraction'] * 8:.0f}/8 |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--weights", nargs="+", choices=list(FOLDERS), default=list(FOLDERS))
+    parser.add_argument("--output", type=Path, default=BENCH / "results")
+    args = parser.parse_args()
+    args.output.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for weights in args.weights:
+        variants = build(weights)
+        params = parameter_count(FOLDERS[weights])
+        rows += measure(weights, variants, params)
+        (args.output / "fidelity-135m.json").write_text(json.dumps(rows, indent=2) + "\n")
+    stamp = f"{datetime.date.today()}, {platform.node() or 'host'}, `{' '.join(['benchmarks/fidelity.py', *sys.argv[1:]])}`"
+    text = "\n".join(markdown(rows, w) for w in args.weights)
+    (args.output / "fidelity-135m.md").write_text(f"<!-- {stamp} -->\n{text}")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,281 @@
+"""Runs one peer runtime inside its own virtual environment; the harnesses (fidelity.py, speed.py) call it.
+
+    python worker.py logits BACKEND MODEL TOKENS.json OUT.npz      # teacher-forced logits of each sequence
+    python worker.py speed BACKEND MODEL WORKLOAD.json OUT.json     # the `smolexport bench` workload
+    python worker.py quantize SRC.gguf DST.gguf TYPE                # llama.cpp's quantizer (Q4_0, Q4_K_M, Q8_0)
+
+BACKEND: llamacpp (a .gguf, llama-cpp-python), genai (an onnxruntime-genai model-builder folder, its generate
+API), optimum (an optimum ONNX export folder, ORTModelForCausalLM), torch (a HF folder, transformers eager fp32).
+Token ids come from the harness (the project's tokenizer), so every runtime sees the same ids.
+Two threads everywhere. Only the standard library and the backend's own packages are imported here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+THREADS = 2
+
+
+# --- llama.cpp ----------------------------------------------------------------------------------------
+
+
+def refuse_amx() -> None:
+    """Make arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) fail with EPERM in this process (seccomp filter).
+
+    ggml's CPU backend asks for AMX tile permission at start-up and, when refused, runs without its AMX
+    buffer type: llama.cpp's AMX path crashes at the first decode on this VM's CPU (llama.cpp issue 20824).
+    """
+    ld, jeq, ret = 0x20, 0x15, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, BPF_RET|K
+    allow, eperm = 0x7FFF0000, 0x00050000 | 1
+    prog = [
+        (ld, 0, 0, 4), (jeq, 0, 5, 0xC000003E),  # seccomp_data.arch == AUDIT_ARCH_X86_64
+        (ld, 0, 0, 0), (jeq, 0, 3, 158),  # nr == arch_prctl
+        (ld, 0, 0, 16), (jeq, 0, 1, 0x1023),  # args[0] == ARCH_REQ_XCOMP_PERM
+        (ret, 0, 0, eperm),
+        (ret, 0, 0, allow),
+    ]  # fmt: skip
+
+    class Filter(ctypes.Structure):
+        _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint)]
+
+    class Prog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(Filter))]
+
+    filters = (Filter * len(prog))(*[Filter(*f) for f in prog])
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
+    if libc.prctl(22, 2, ctypes.byref(Prog(len(prog), filters)), 0, 0) != 0:  # PR_SET_SECCOMP, FILTER
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_SECCOMP)")
+
+
+def llama_cpp_module():
+    refuse_amx()
+    import llama_cpp
+
+    return llama_cpp
+
+
+class LlamaCpp:
+    def __init__(self, model: str, context: int = 2048, logits_all: bool = False):
+        llama_cpp = llama_cpp_module()
+        self.llm = llama_cpp.Llama(
+            model_path=model, n_ctx=context, n_batch=512, n_threads=THREADS, n_threads_batch=THREADS,
+            logits_all=logits_all, verbose=False,
+        )  # fmt: skip
+
+    def prefill(self, ids):
+        self.llm.reset()
+        self.llm.eval(ids)
+        return int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+
+    def step(self, token):
+        self.llm.eval([token])
+        return int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+
+    def logits(self, ids):
+        self.llm.reset()
+        self.llm.eval(ids)
+        return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
+
+
+# --- onnxruntime-genai ----------------------------------------------------------------------------------
+
+
+class Genai:
+    def __init__(self, model: str, context: int = 2048):
+        import onnxruntime_genai as og
+
+        self.og = og
+        config_path = Path(model) / "genai_config.json"
+        config = json.loads(config_path.read_text())
+        options = config["model"]["decoder"].setdefault("session_options", {})
+        if options.get("intra_op_num_threads") != THREADS:
+            options["intra_op_num_threads"] = THREADS
+            config_path.write_text(json.dumps(config, indent=4))
+        self.model = og.Model(model)
+        self.context = context
+        self.gen = None
+
+    def _generator(self, max_length):
+        params = self.og.GeneratorParams(self.model)
+        # min_length masks eos until max_length: the workload decodes a fixed number of tokens
+        params.set_search_options(do_sample=False, max_length=max_length, min_length=max_length)
+        return self.og.Generator(self.model, params)
+
+    def prefill(self, ids, max_length=None):
+        self.gen = self._generator(max_length or self.context)
+        self.gen.append_tokens(np.array(ids, dtype=np.int32))
+        return self._pick()
+
+    def _pick(self):
+        # the generator's own greedy step: after append_tokens it only picks; afterwards it runs the model
+        self.gen.generate_next_token()
+        return int(self.gen.get_next_tokens()[0])
+
+    def step(self, token):
+        return self._pick()
+
+    def logits(self, ids):
+        gen = self._generator(len(ids) + 1)
+        gen.append_tokens(np.array(ids, dtype=np.int32))
+        out = np.array(gen.get_output("logits"), dtype=np.float32)
+        return out.reshape(-1, out.shape[-1])[-len(ids) :]
+
+
+# --- optimum ----------------------------------------------------------------------------------------------
+
+
+class Optimum:
+    def __init__(self, model: str, context: int = 2048):
+        import onnxruntime as ort
+        import torch
+        from optimum.onnxruntime import ORTModelForCausalLM
+
+        torch.set_num_threads(THREADS)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = THREADS
+        options.inter_op_num_threads = 1
+        file_name = "model_int4.onnx" if (Path(model) / "model_int4.onnx").exists() else "model.onnx"
+        self.torch = torch
+        self.model = ORTModelForCausalLM.from_pretrained(model, file_name=file_name, session_options=options)
+
+    def _forward(self, ids, past, length):
+        t = self.torch
+        out = self.model(
+            input_ids=t.tensor([ids]),
+            attention_mask=t.ones(1, length, dtype=t.long),
+            position_ids=t.arange(length - len(ids), length)[None, :],
+            past_key_values=past,
+            use_cache=True,
+        )
+        return out
+
+    def prefill(self, ids):
+        out = self._forward(ids, None, len(ids))
+        self.past, self.length = out.past_key_values, len(ids)
+        return int(out.logits[0, -1].argmax())
+
+    def step(self, token):
+        self.length += 1
+        out = self._forward([token], self.past, self.length)
+        self.past = out.past_key_values
+        return int(out.logits[0, -1].argmax())
+
+    def logits(self, ids):
+        return self._forward(ids, None, len(ids)).logits[0].float().numpy()
+
+
+# --- PyTorch eager ----------------------------------------------------------------------------------------
+
+
+class Torch:
+    def __init__(self, model: str, context: int = 2048):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        torch.set_num_threads(THREADS)
+        self.torch = torch
+        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+
+    def prefill(self, ids):
+        with self.torch.inference_mode():
+            out = self.model(self.torch.tensor([ids]), use_cache=True)
+        self.past = out.past_key_values
+        return int(out.logits[0, -1].argmax())
+
+    def step(self, token):
+        with self.torch.inference_mode():
+            out = self.model(self.torch.tensor([[token]]), past_key_values=self.past, use_cache=True)
+        self.past = out.past_key_values
+        return int(out.logits[0, -1].argmax())
+
+    def logits(self, ids):
+        with self.torch.inference_mode():
+            return self.model(self.torch.tensor([ids])).logits[0].float().numpy()
+
+
+BACKENDS = {"llamacpp": LlamaCpp, "genai": Genai, "optimum": Optimum, "torch": Torch}
+
+
+# --- commands ------------------------------------------------------------------------------------------
+
+
+def cmd_logits(backend: str, model: str, tokens_file: str, out: str) -> None:
+    sequences = json.loads(Path(tokens_file).read_text())
+    longest = max(len(s) for s in sequences)
+    kwargs = {"logits_all": True} if backend == "llamacpp" else {}
+    runner = BACKENDS[backend](model, context=max(512, longest + 8), **kwargs)
+    arrays = {f"seq{i}": runner.logits(seq) for i, seq in enumerate(sequences)}
+    np.savez(out, **arrays)
+
+
+def timed(fn, *args):
+    start = time.perf_counter()
+    value = fn(*args)
+    return time.perf_counter() - start, value
+
+
+def cmd_speed(backend: str, model: str, workload_file: str, out: str) -> None:
+    w = json.loads(Path(workload_file).read_text())
+    chat, long, filler = w["chat_ids"], w["long_ids"], w["context_ids"]
+    runs, decode_tokens = w["runs"], w["decode_tokens"]
+    runner = BACKENDS[backend](model, context=w["context"])
+    token = runner.prefill(chat)  # warm-up
+    for _ in range(8):
+        token = runner.step(token)
+    runner.prefill(long)
+    chat_s, decode, long_s = [], [], []
+    for _ in range(runs):
+        seconds, token = timed(runner.prefill, chat)
+        chat_s.append(seconds)
+        start = time.perf_counter()
+        for _ in range(decode_tokens):
+            token = runner.step(token)
+        decode.append(decode_tokens / (time.perf_counter() - start))
+        long_s.append(timed(runner.prefill, long)[0])
+    token = runner.prefill(filler)  # memory with a full context
+    for _ in range(16):
+        token = runner.step(token)
+    result = {
+        "backend": backend,
+        "model": model,
+        "threads": THREADS,
+        "runs": runs,
+        "ttft_ms_chat": round(1000 * statistics.median(chat_s), 1),
+        "ttft_ms_long": round(1000 * statistics.median(long_s), 1),
+        "decode_tok_s": round(statistics.median(decode), 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+    Path(out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+
+
+def cmd_quantize(src: str, dst: str, kind: str) -> None:
+    llama_cpp = llama_cpp_module()
+    ftype = {"Q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0, "Q4_K_M": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M,
+             "Q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0}[kind]  # fmt: skip
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = THREADS
+    rc = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params))
+    if rc != 0:
+        raise SystemExit(f"llama_model_quantize failed ({rc})")
+
+
+def main(argv: list[str]) -> None:
+    command, *args = argv
+    {"logits": cmd_logits, "speed": cmd_speed, "quantize": cmd_quantize}[command](*args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
