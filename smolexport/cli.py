@@ -12,7 +12,8 @@ import click
 
 from . import __version__
 from .errors import SmolexportError, UsageError
-from .onnx.export import QUANT_MODES, OnnxExportOptions, export_onnx
+from .onnx.export import ALGOS, QUANT_MODES, OnnxExportOptions, export_onnx
+from .onnx.presets import PRESETS
 from .progress import Progress
 from .sources import DEFAULT_MODEL
 
@@ -64,7 +65,14 @@ def main():
     show_default=True,
     help="Hub id, local Hugging Face folder, .gguf file, or the bundled 'smollm2-135m-instruct'.",
 )
-@click.option("--quant", type=click.Choice(QUANT_MODES), default="int4", show_default=True)
+@click.option("--quant", type=click.Choice(QUANT_MODES), default=None, help="Weights  [default: int4]")
+@click.option(
+    "--preset",
+    type=click.Choice(sorted(PRESETS)),
+    default=None,
+    help="A measured recipe: 'quality' = int4, --algo act-mse, embedding/lm_head and v_proj at 8 bits "
+    "(docs/quantization.md). Flags given explicitly override it.",
+)
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="Export folder to create.")
 @click.option(
     "--block-size",
@@ -88,18 +96,23 @@ def main():
 )
 @click.option(
     "--algo",
-    type=click.Choice(["rtn", "mse", "act-mse"]),
-    default="rtn",
-    show_default=True,
-    help="int4/int8 rounding: round-to-nearest; a per-block clipping search (mse); or that search weighted by "
-    "calibration activations (act-mse).",
+    type=click.Choice(list(ALGOS)),
+    default=None,
+    help="int4/int8 rounding: round-to-nearest (rtn, the default); a per-block clipping search (mse); that search "
+    "weighted by calibration activations (act-mse); or GPTQ error compensation on calibration inputs (gptq).",
+)
+@click.option(
+    "--int8-layers",
+    default=None,
+    metavar="PATTERNS",
+    help="int4 only: comma-separated matrices kept at 8 bits, e.g. 'embed_tokens,lm_head,layers.0.*,*.down_proj'.",
 )
 @click.option(
     "--calibration",
     "calibration_file",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     default=None,
-    help="Calibration text for --algo act-mse (default: a built-in text).",
+    help="Calibration text for --algo act-mse/gptq (default: a built-in text).",
 )
 @click.option(
     "--standard-ops",
@@ -119,11 +132,13 @@ def main():
 def onnx_command(
     model,
     quant,
+    preset,
     output,
     block_size,
     lm_head_bits,
     context_length,
     algo,
+    int8_layers,
     calibration_file,
     standard_ops,
     accuracy_level,
@@ -139,12 +154,15 @@ def onnx_command(
         fused=not standard_ops,
         accuracy_level=accuracy_level,
         algo=algo,
+        int8_layers=int8_layers,
+        preset=preset,
         calibration_file=calibration_file,
         force=force,
     )
     manifest = export_onnx(model, output, options, Progress(enabled=not quiet))
     size = sum(f["bytes"] for f in manifest["files"].values())
-    click.echo(f"exported {model} ({quant}) to {output}: {size / 1e6:.1f} MB in {manifest['export_seconds']} s")
+    mode = manifest["quant"]["mode"] + (f", preset {preset}" if preset else "")
+    click.echo(f"exported {model} ({mode}) to {output}: {size / 1e6:.1f} MB in {manifest['export_seconds']} s")
 
 
 @main.command("run")

@@ -10,6 +10,7 @@ Memory: one layer's weights plus [tokens, hidden] activations; no second copy of
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -50,6 +51,23 @@ def _channel_power(x: np.ndarray) -> np.ndarray:
     return (x * x).mean(axis=0).astype(np.float32)
 
 
+@dataclass
+class LayerInput:
+    """The calibration inputs of one linear layer (or of several sharing the input), x [tokens, in_features]."""
+
+    x: np.ndarray
+
+    @property
+    def power(self) -> np.ndarray:
+        """Mean squared input per channel [in_features] (the diagonal of the Hessian)."""
+        return _channel_power(self.x)
+
+    def hessian(self) -> np.ndarray:
+        """X.T X / tokens [in, in] in float64: the output error of a weight error E is trace(E H E.T)."""
+        x = self.x.astype(np.float64)
+        return x.T @ x / len(x)
+
+
 class Calibration:
     """Hidden states of the calibration tokens, advanced one decoder layer per `layer()` call."""
 
@@ -67,8 +85,8 @@ class Calibration:
         x1, x2 = x[..., :half], x[..., half:]
         return np.concatenate([x1 * self.cos - x2 * self.sin, x2 * self.cos + x1 * self.sin], axis=-1)
 
-    def layer(self, attn: dict, mlp: dict, input_norm: np.ndarray, post_norm: np.ndarray) -> dict[str, np.ndarray]:
-        """Advances the hidden states through one layer; returns the input power of each linear layer by role:
+    def layer(self, attn: dict, mlp: dict, input_norm: np.ndarray, post_norm: np.ndarray) -> dict[str, LayerInput]:
+        """Advances the hidden states through one layer; returns the inputs of its linear layers by role:
         "qkv", "o", "gate_up", "down"."""
         c = self.c
         heads, kv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
@@ -78,7 +96,7 @@ class Calibration:
             return y if b is None else y + b
 
         x = _rms_norm(self.hidden, input_norm, c.rms_norm_eps)
-        power = {"qkv": _channel_power(x)}
+        inputs = {"qkv": LayerInput(x)}
         q = self._rotate(linear(x, attn["q"], attn.get("q_bias")).reshape(self.tokens, heads, d))
         k = self._rotate(linear(x, attn["k"], attn.get("k_bias")).reshape(self.tokens, kv, d))
         v = linear(x, attn["v"], attn.get("v_bias")).reshape(self.tokens, kv, d)
@@ -89,13 +107,13 @@ class Calibration:
             scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
             context[:, h] = (scores / scores.sum(axis=-1, keepdims=True)) @ v[:, h // group]
         context = context.reshape(self.tokens, heads * d)
-        power["o"] = _channel_power(context)
+        inputs["o"] = LayerInput(context)
         self.hidden = self.hidden + linear(context, attn["o"], attn.get("o_bias"))
 
         x = _rms_norm(self.hidden, post_norm, c.rms_norm_eps)
-        power["gate_up"] = _channel_power(x)
+        inputs["gate_up"] = LayerInput(x)
         gate = linear(x, mlp["gate"], mlp.get("gate_bias"))
         act = gate / (1.0 + np.exp(-gate)) * linear(x, mlp["up"], mlp.get("up_bias"))
-        power["down"] = _channel_power(act)
+        inputs["down"] = LayerInput(act)
         self.hidden = self.hidden + linear(act, mlp["down"], mlp.get("down_bias"))
-        return power
+        return inputs

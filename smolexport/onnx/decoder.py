@@ -19,8 +19,10 @@ from onnx import TensorProto
 
 from ..errors import SmolexportError
 from ..llama_config import LlamaConfig
-from .calibration import Calibration
+from .calibration import Calibration, LayerInput
+from .gptq import gptq_quantize
 from .graph import MS_DOMAIN, GraphBuilder
+from .mixed import int8_block_size, wants_int8
 from .quantize import quantize_blockwise
 from .rope import rope_tables
 
@@ -38,7 +40,12 @@ class DecoderOptions:
     context_length: int = 2048
     fused: bool = True  # ONNX Runtime's fused contrib ops (fused.py) instead of standard ops only
     accuracy_level: int = 0  # MatMulNBits compute type: 0 = as activations, 4 = int8 (faster, less exact)
-    algo: str = "rtn"  # quantization algorithm, see quantize.py
+    algo: str = "rtn"  # quantization algorithm: rtn | mse | act-mse (quantize.py) | gptq (gptq.py)
+    int8_layers: tuple[str, ...] = ()  # in int4 exports, matrices kept at 8 bits (patterns, see mixed.py)
+
+    @property
+    def calibrated(self) -> bool:
+        return self.weight_bits is not None and self.algo in ("act-mse", "gptq")
 
 
 def kv_names(i: int) -> dict[str, str]:
@@ -55,19 +62,34 @@ class DecoderBuilder:
         self.g, self.c, self.o = g, config, options
         self.np_dtype, self.onnx_dtype = FLOAT_TYPES[options.activation_dtype]
         self.lm_head_bits = options.lm_head_bits or options.weight_bits
+        self.int8_matrices: dict[str, int] = {}  # graph name -> block size, of matrices raised to 8 bits
+
+    def _bits(self, name: str, bits: int | None, k: int) -> tuple[int | None, int]:
+        """(bits, block size) of a matrix with k inputs: 8 bits in wide blocks where --int8-layers says so."""
+        if bits == 4 and wants_int8(self.o.int8_layers, name):
+            self.int8_matrices[name] = int8_block_size(k)
+            return 8, self.int8_matrices[name]
+        return bits, self.o.block_size
 
     # --- weights ---------------------------------------------------------------------------------
     def linear(
-        self, x: str, name: str, weight: np.ndarray, bias: np.ndarray | None, bits: int | None, importance=None
+        self,
+        x: str,
+        name: str,
+        weight: np.ndarray,
+        bias: np.ndarray | None,
+        bits: int | None,
+        calib: LayerInput | None = None,
     ) -> str:
-        """y = x @ weight.T (+ bias), weight [out, in] as stored in the checkpoint. `importance` [in] weights
-        the quantization error per input channel (calibration activations), for algo act-mse."""
+        """y = x @ weight.T (+ bias), weight [out, in] as stored in the checkpoint. `calib`: the layer's
+        calibration inputs, for algos act-mse and gptq."""
         n, k = weight.shape
+        bits, block_size = self._bits(name, bits, k)
         if bits is None:
             w = self.g.initializer(f"{name}.weight", weight.T.astype(self.np_dtype))
             y = self.g.node("MatMul", [x, w], name)
         else:
-            inputs = self._quantized(name, weight, bits, importance)
+            inputs = self._quantized(name, weight, bits, block_size, calib)
             y = self.g.node(
                 "MatMulNBits",
                 [x, *inputs],
@@ -76,25 +98,40 @@ class DecoderBuilder:
                 K=k,
                 N=n,
                 bits=bits,
-                block_size=self.o.block_size,
+                block_size=block_size,
                 accuracy_level=self.o.accuracy_level,
             )
         if bias is not None:
             y = self.g.node("Add", [y, self.g.initializer(f"{name}.bias", bias.astype(self.np_dtype))], f"{name}/bias")
         return y
 
-    def _quantized(self, name: str, weight: np.ndarray, bits: int, importance=None) -> list[str]:
-        qw = self._quantize(weight, bits, importance)
+    def packed_linear(self, x: str, name: str, parts: list, calib: LayerInput | None = None) -> str:
+        """Several linear layers on the same input, [(name, weight, bias)], as one matrix `name` whose output
+        is their outputs concatenated; as separate ones, concatenated, when mixed precision gives them
+        different bit widths (a MatMulNBits node has one)."""
+        bits = self.o.weight_bits
+        if bits == 4 and len({wants_int8(self.o.int8_layers, part[0]) for part in parts}) > 1:
+            outputs = [self.linear(x, part, weight, bias, bits, calib) for part, weight, bias in parts]
+            return self.g.node("Concat", outputs, f"{name}/concat", axis=-1)
+        biases = [bias for _, _, bias in parts]
+        bias = None if biases[0] is None else np.concatenate(biases)
+        return self.linear(x, name, np.concatenate([weight for _, weight, _ in parts]), bias, bits, calib)
+
+    def _quantized(self, name: str, weight: np.ndarray, bits: int, block_size: int, calib=None) -> list[str]:
+        qw = self._quantize(weight, bits, block_size, calib)
         return [
             self.g.initializer(f"{name}.qweight", qw.data),
             self.g.initializer(f"{name}.scales", qw.scales),
             self.g.initializer(f"{name}.zero_points", qw.zero_points),
         ]
 
-    def _quantize(self, weight: np.ndarray, bits: int, importance=None):
+    def _quantize(self, weight: np.ndarray, bits: int, block_size: int, calib: LayerInput | None = None):
+        """Matrices without calibration inputs (the embedding) fall back from act-mse/gptq to mse."""
+        if self.o.algo == "gptq" and calib is not None:
+            return gptq_quantize(weight, calib.hessian(), bits, block_size, self.np_dtype)
         algo = "rtn" if self.o.algo == "rtn" else "mse"  # act-mse is mse weighted by calibration activations
-        importance = importance if self.o.algo == "act-mse" else None
-        return quantize_blockwise(weight, bits, self.o.block_size, self.np_dtype, algo=algo, importance=importance)
+        importance = calib.power if self.o.algo == "act-mse" and calib is not None else None
+        return quantize_blockwise(weight, bits, block_size, self.np_dtype, algo=algo, importance=importance)
 
     # --- building blocks -------------------------------------------------------------------------
     def rms_norm(self, x: str, weight: np.ndarray, name: str) -> str:
@@ -208,8 +245,9 @@ class DecoderBuilder:
         The weight is stored once: float models gather from it and multiply by it transposed (Gemm transB);
         quantized models gather and multiply from the same packed block-quantized data.
         """
-        g, bits = self.g, self.lm_head_bits
+        g = self.g
         vocab, hidden = weight.shape
+        bits, block_size = self._bits("embed_tokens", self.lm_head_bits, hidden)
         if bits is None:
             table = g.initializer("embed_tokens.weight", weight.astype(self.np_dtype))
             embedded = g.node("Gather", [table, "input_ids"], "embed")
@@ -225,7 +263,7 @@ class DecoderBuilder:
 
         # GatherBlockQuantized reads the same packed data as MatMulNBits, viewed as [V, n_blocks, block]
         # (quantized on the last axis, one scale per row of it); 4-bit zero points are unpacked for it.
-        qw = self._quantize(weight, bits)
+        qw = self._quantize(weight, bits, block_size)
         n_blocks = qw.data.shape[1]
         data = g.initializer("embed_tokens.qweight", qw.data)
         scales = g.initializer("embed_tokens.scales", qw.scales)
@@ -239,11 +277,11 @@ class DecoderBuilder:
             domain=MS_DOMAIN,
             gather_axis=0,
             quantize_axis=2,
-            block_size=self.o.block_size,
+            block_size=block_size,
             bits=bits,
         )
         embedded = g.node("Reshape", [embedded, g.const([0, 0, -1])], "embed/merge")
-        if n_blocks * self.o.block_size != hidden:
+        if n_blocks * block_size != hidden:
             embedded = g.node("Slice", [embedded, g.const([0]), g.const([hidden]), g.const([-1])], "embed/unpad")
 
         def lm_head(x: str) -> str:
@@ -256,7 +294,7 @@ class DecoderBuilder:
                 K=hidden,
                 N=vocab,
                 bits=bits,
-                block_size=self.o.block_size,
+                block_size=block_size,
                 accuracy_level=self.o.accuracy_level,
             )
 
@@ -274,9 +312,10 @@ def build_decoder(
     get_weight: Callable[[str], np.ndarray | None],
     on_layer: Callable[[int], None] = lambda i: None,
     calibration_ids: list[int] | None = None,
-) -> None:
+) -> dict:
     """Adds the whole decoder to `g`. `get_weight(hf_name)` returns a float32 array or None if absent.
-    `calibration_ids` (token ids of a calibration text) are needed for algo act-mse."""
+    `calibration_ids` (token ids of a calibration text) are needed for algos act-mse and gptq.
+    Returns what mixed precision did: {"int8_matrices": {graph name: block size}}."""
     get_weight = _requiring(get_weight)
     c, b = config, DecoderBuilder(g, config, options)
     float_type = b.onnx_dtype
@@ -291,9 +330,9 @@ def build_decoder(
     embed = get_weight("model.embed_tokens.weight")
     x, tied_lm_head = b.embedding(embed)
     calibration = None
-    if options.algo == "act-mse" and options.weight_bits:
+    if options.calibrated:
         if not calibration_ids:
-            raise ValueError("algo act-mse needs calibration_ids")
+            raise ValueError(f"algo {options.algo} needs calibration_ids")
         calibration = Calibration(c, embed, calibration_ids)
     lm_head_weight = None if c.tie_word_embeddings else get_weight("lm_head.weight")
     del embed
@@ -321,6 +360,7 @@ def build_decoder(
         io = kv_names(i)
         for key in ("present_key", "present_value"):
             g.output(io[key], float_type, ["batch", c.num_key_value_heads, "total_seq", c.head_dim])
+    return {"int8_matrices": b.int8_matrices}
 
 
 OPTIONAL_SUFFIXES = (".bias",)
@@ -332,9 +372,7 @@ def _requiring(get_weight: Callable[[str], np.ndarray | None]) -> Callable[[str]
     def get(name: str) -> np.ndarray | None:
         weight = get_weight(name)
         if weight is None and not name.endswith(OPTIONAL_SUFFIXES) and name != "lm_head.weight":
-            raise SmolexportError(
-                f"the checkpoint has no tensor {name!r}: not a plain (unquantized) Llama checkpoint"
-            )
+            raise SmolexportError(f"the checkpoint has no tensor {name!r}: not a plain (unquantized) Llama checkpoint")
         return weight
 
     return get

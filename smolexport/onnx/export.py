@@ -19,15 +19,17 @@ from ..sources import ModelSource, open_source
 from .calibration import DEFAULT_TOKENS, load_calibration_ids
 from .decoder import DecoderOptions, build_decoder, kv_names
 from .graph import GraphBuilder
+from .mixed import parse_patterns
+from .presets import preset
 
 QUANT_MODES = ("int4", "int8", "fp16", "fp32")
-ALGOS = ("rtn", "mse", "act-mse")
+ALGOS = ("rtn", "mse", "act-mse", "gptq")
 MODEL_FILE = "model.onnx"
 
 
 @dataclass(frozen=True)
 class OnnxExportOptions:
-    quant: str = "int4"
+    quant: str | None = None  # None: the preset's, else int4
     block_size: int = 32
     # Bits for the embedding / lm_head matrix (stored once when tied); None = the same as the other weights.
     lm_head_bits: int | None = None
@@ -40,19 +42,34 @@ class OnnxExportOptions:
     # block (faster on CPUs with VNNI, slightly less exact).
     accuracy_level: int = 0
     # int4/int8 algorithm: "rtn" (round to nearest), "mse" (per-block clipping search, see quantize.py) or
-    # "act-mse" (the same search weighted by calibration activations, see calibration.py).
-    algo: str = "rtn"
-    calibration_file: Path | None = None  # text for act-mse; None = the built-in calibration text
+    # "act-mse" (the same search weighted by calibration activations, see calibration.py) or "gptq" (error
+    # compensation with the calibration inputs' Hessian, see gptq.py). None: the preset's, else rtn.
+    algo: str | None = None
+    calibration_file: Path | None = None  # text for act-mse/gptq; None = the built-in calibration text
+    # int4 only: comma-separated patterns of matrices kept at 8 bits (see mixed.py). None: the preset's.
+    int8_layers: str | None = None
+    preset: str | None = None  # a named recipe (presets.py) filling the options left None
     force: bool = False
 
+    def resolved(self, name: str, default=None):
+        """An option's value: as given, else the preset's, else `default`."""
+        value = getattr(self, name)
+        if value is None and self.preset:
+            value = preset(self.preset).get(name)
+        return default if value is None else value
+
     def decoder_options(self, max_positions: int) -> DecoderOptions:
-        if self.quant not in QUANT_MODES:
-            raise UsageError(f"unknown quant {self.quant!r}: choose one of {', '.join(QUANT_MODES)}")
-        bits = {"int4": 4, "int8": 8}.get(self.quant)
+        quant, algo = self.resolved("quant", "int4"), self.resolved("algo", "rtn")
+        int8_layers = parse_patterns(self.resolved("int8_layers"))
+        if quant not in QUANT_MODES:
+            raise UsageError(f"unknown quant {quant!r}: choose one of {', '.join(QUANT_MODES)}")
+        bits = {"int4": 4, "int8": 8}.get(quant)
+        if int8_layers and bits != 4:
+            raise UsageError("--int8-layers applies to --quant int4 only")
         if self.lm_head_bits is not None and (bits is None or self.lm_head_bits not in (4, 8)):
             raise UsageError("--lm-head-bits takes 4 or 8, with --quant int4 or int8")
-        if self.algo not in ALGOS:
-            raise UsageError(f"unknown algo {self.algo!r}: choose one of {', '.join(ALGOS)}")
+        if algo not in ALGOS:
+            raise UsageError(f"unknown algo {algo!r}: choose one of {', '.join(ALGOS)}")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise UsageError(f"accuracy level must be 0 to 4, got {self.accuracy_level}")
         if self.block_size not in (16, 32, 64, 128, 256):
@@ -61,14 +78,15 @@ class OnnxExportOptions:
         if not 0 < context <= max_positions:
             raise UsageError(f"context length must be between 1 and the model's {max_positions}, got {context}")
         return DecoderOptions(
-            activation_dtype="fp16" if self.quant == "fp16" else "fp32",
+            activation_dtype="fp16" if quant == "fp16" else "fp32",
             weight_bits=bits,
             lm_head_bits=self.lm_head_bits or bits,
             block_size=self.block_size,
             context_length=context,
             fused=self.fused,
             accuracy_level=self.accuracy_level,
-            algo=self.algo,
+            algo=algo,
+            int8_layers=int8_layers,
         )
 
 
@@ -83,25 +101,26 @@ def export_onnx(model: str, output: Path, options: OnnxExportOptions, progress: 
         progress.step("writing tokenizer, chat template and generation config")
         source.write_tokenizer(staging)
         calibration_ids = None
-        if decoder.algo == "act-mse" and decoder.weight_bits:
+        if decoder.calibrated:
             calibration_ids = load_calibration_ids(staging / "tokenizer.json", options.calibration_file)
             progress.step(f"calibrating on {len(calibration_ids)} tokens while building")
-        _write_model(staging, source, decoder, progress, calibration_ids)
+        built = _write_model(staging, source, decoder, progress, calibration_ids)
         (staging / "generation_config.json").write_text(json.dumps(source.generation_config, indent=2) + "\n")
         (staging / "config.json").write_text(json.dumps(source.config_dict, indent=2, default=str) + "\n")
         progress.step("checksumming")
-        manifest = write_manifest(staging, _manifest(source, options, decoder, time.perf_counter() - started))
+        seconds = time.perf_counter() - started
+        manifest = write_manifest(staging, _manifest(source, options, decoder, built, seconds))
     progress.step(f"done: {output}")
     return manifest
 
 
 def _write_model(folder: Path, source: ModelSource, decoder: DecoderOptions, progress: Progress,
-                 calibration_ids: list[int] | None) -> None:  # fmt: skip
+                 calibration_ids: list[int] | None) -> dict:  # fmt: skip
     config = source.config
     graph = GraphBuilder(folder / MODEL_FILE)
     try:
         progress.step(f"building the decoder ({config.num_hidden_layers} layers)")
-        build_decoder(
+        built = build_decoder(
             graph,
             config,
             decoder,
@@ -113,9 +132,12 @@ def _write_model(folder: Path, source: ModelSource, decoder: DecoderOptions, pro
     finally:
         graph.close()
     onnx.checker.check_model(str(folder / MODEL_FILE))
+    return built
 
 
-def _manifest(source: ModelSource, options: OnnxExportOptions, decoder: DecoderOptions, seconds: float) -> dict:
+def _manifest(
+    source: ModelSource, options: OnnxExportOptions, decoder: DecoderOptions, built: dict, seconds: float
+) -> dict:
     c = source.config
     inputs = ["input_ids", "attention_mask", "position_ids", "logits_to_keep"]
     outputs = ["logits"]
@@ -132,16 +154,21 @@ def _manifest(source: ModelSource, options: OnnxExportOptions, decoder: DecoderO
         "format_version": 1,
         "source": source.describe(),
         "quant": {
-            "mode": options.quant,
+            "mode": options.resolved("quant", "int4"),
+            "preset": options.preset,
             "algo": decoder.algo if decoder.weight_bits else None,
             "calibration": (
                 {"text": str(options.calibration_file or "built-in"), "max_tokens": DEFAULT_TOKENS}
-                if decoder.algo == "act-mse" and decoder.weight_bits
+                if decoder.calibrated
                 else None
             ),
             "weight_bits": decoder.weight_bits,
             "lm_head_bits": decoder.lm_head_bits,
             "block_size": decoder.block_size if decoder.weight_bits else None,
+            # Mixed precision (int4 only): the patterns asked for and the matrices they raised to 8 bits
+            # (graph name -> block size).
+            "int8_layers": list(decoder.int8_layers),
+            "int8_matrices": built["int8_matrices"],
             "activation_dtype": decoder.activation_dtype,
             "accuracy_level": decoder.accuracy_level if decoder.weight_bits else None,
         },

@@ -5,7 +5,8 @@
   (seqlens_k = real tokens - 1), so rows of a batch must not be padded: the runtime generates one sequence
   at a time. The standard-ops graph (`--standard-ops`) handles left-padded batches.
 - `SkipSimplifiedLayerNormalization` fuses each residual add with the following RMSNorm.
-- q/k/v and gate/up projections are packed into one matrix each: one MatMulNBits instead of three or two.
+- q/k/v and gate/up projections are packed into one matrix each: one MatMulNBits instead of three or two
+  (unless mixed precision gives the parts different bit widths: then one each, concatenated).
 """
 
 from __future__ import annotations
@@ -44,10 +45,8 @@ class FusedLayers:
         from .decoder import kv_names
 
         b, g, c, name = self.b, self.g, self.c, f"layers.{i}.attn"
-        qkv_weight = np.concatenate([w["q"], w["k"], w["v"]], axis=0)
-        biases = [w.get(f"{k}_bias") for k in "qkv"]
-        qkv_bias = None if biases[0] is None else np.concatenate(biases)
-        qkv = b.linear(x, f"{name}.qkv_proj", qkv_weight, qkv_bias, b.o.weight_bits, power.get("qkv"))
+        parts = [(f"{name}.{k}_proj", w[k], w.get(f"{k}_bias")) for k in "qkv"]
+        qkv = b.packed_linear(x, f"{name}.qkv_proj", parts, power.get("qkv"))
         io = kv_names(i)
         g.node_to(
             "GroupQueryAttention",
@@ -61,10 +60,8 @@ class FusedLayers:
     def mlp(self, i: int, x: str, w: dict, power: dict) -> str:
         b, g, name = self.b, self.g, f"layers.{i}.mlp"
         f = w["gate"].shape[0]
-        biases = [w.get("gate_bias"), w.get("up_bias")]
-        bias = None if biases[0] is None else np.concatenate(biases)
-        packed = np.concatenate([w["gate"], w["up"]])
-        gate_up = b.linear(x, f"{name}.gate_up_proj", packed, bias, b.o.weight_bits, power.get("gate_up"))
+        parts = [(f"{name}.{k}_proj", w[k], w.get(f"{k}_bias")) for k in ("gate", "up")]
+        gate_up = b.packed_linear(x, f"{name}.gate_up_proj", parts, power.get("gate_up"))
         gate, up = g.node("Split", [gate_up, g.const([f, f])], f"{name}/split", n_outputs=2, axis=-1)
         act = g.node("Mul", [gate, g.node("Sigmoid", [gate], f"{name}/sigmoid")], f"{name}/silu")
         gated = g.node("Mul", [act, up], f"{name}/gated")

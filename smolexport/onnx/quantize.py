@@ -81,9 +81,15 @@ def quantize_blockwise(
     shrinks = SHRINK_GRID if algo == "mse" else SHRINK_GRID[:1]
     for start in range(0, n, ROWS_PER_CHUNK):
         rows = slice(start, start + ROWS_PER_CHUNK)
-        q[rows], scales[rows], zero_points[rows] = _search(blocks[rows], qmax, scale_dtype, shrinks, weights)
+        q[rows], scales[rows], zero_points[rows] = search_grid(blocks[rows], qmax, scale_dtype, shrinks, weights)
+    return pack_blocks(q, scales, zero_points, bits, block_size, k)
 
-    zp = zero_points
+
+def pack_blocks(q, scales, zero_points, bits: int, block_size: int, k: int) -> BlockQuantized:
+    """Packs q [N, n_blocks, block_size] and zero points [N, n_blocks] (unpacked uint8) into the stored layout."""
+    n, n_blocks = scales.shape
+    q = q.astype(np.uint8)
+    zp = zero_points.astype(np.uint8)
     if bits == 4:
         data = q[:, :, 0::2] | (q[:, :, 1::2] << 4)
         if n_blocks % 2:
@@ -94,7 +100,7 @@ def quantize_blockwise(
     return BlockQuantized(np.ascontiguousarray(data), scales, np.ascontiguousarray(zp), bits, block_size, k)
 
 
-def _search(blocks: np.ndarray, qmax: int, scale_dtype, shrinks: np.ndarray, weights: np.ndarray | None):
+def search_grid(blocks: np.ndarray, qmax: int, scale_dtype, shrinks: np.ndarray, weights: np.ndarray | None):
     """The best (q, scale, zero point) per block over the candidate range shrinks."""
     lo0 = np.minimum(blocks.min(axis=2), 0.0)
     hi0 = np.maximum(blocks.max(axis=2), 0.0)

@@ -28,7 +28,9 @@ def test_calibration_hidden_states_match_transformers(tiny_models):
             if i < model.config.num_hidden_layers - 1:  # the last entry of hidden_states is after the final norm
                 np.testing.assert_allclose(calibration.hidden, hidden[i + 1][0].numpy(), atol=1e-4, rtol=1e-4)
             assert set(power) == {"qkv", "o", "gate_up", "down"}
-            assert power["down"].shape == (model.config.intermediate_size,) and np.all(power["down"] >= 0)
+            down = power["down"].power
+            assert down.shape == (model.config.intermediate_size,) and np.all(down >= 0)
+            np.testing.assert_allclose(np.diag(power["down"].hessian()), down, rtol=1e-4)
 
 
 def test_act_mse_export_records_its_calibration(tiny_models, tmp_path):

@@ -1,0 +1,124 @@
+"""Which weight matrices of a model suffer most from int4? A fake-quantization scan in PyTorch.
+
+For each variant, the model's matrices are quantized and dequantized with the exporter's own code (the same
+calibration pass, algorithms and mixed-precision rules as `smolexport onnx`), written back into the float
+PyTorch model, and compared with the float model on a held-out text: mean KL(float || quantized) of the
+next-token distributions and top-1 agreement. No ONNX export, so a variant takes seconds.
+
+  --scan GROUPS: quantize one group of matrices at a time (the rest stay float) and rank the groups by KL.
+  --variants: whole-model variants (algo + --int8-layers patterns), e.g. to choose a preset.
+
+The default text is docs/export-folder.md: neither the calibration text nor validation's inputs.
+
+  .venv/bin/python benchmarks/sensitivity.py --model benchmarks/work/smollm2-135m-instruct-degrid --scan
+  .venv/bin/python benchmarks/sensitivity.py --model DIR --variants "rtn:" "gptq:embed_tokens,lm_head"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+from transformers import AutoModelForCausalLM
+
+from smolexport.llama_config import LlamaConfig
+from smolexport.onnx.calibration import Calibration, load_calibration_ids
+from smolexport.onnx.decoder import DecoderBuilder, DecoderOptions, _layer_weights
+from smolexport.onnx.mixed import parse_patterns
+
+ROOT = Path(__file__).resolve().parent.parent
+MATRICES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+            "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}  # fmt: skip
+ROLES = {"q": "qkv", "k": "qkv", "v": "qkv", "o": "o", "gate": "gate_up", "up": "gate_up", "down": "down"}
+
+
+def fake_quantize(model, state: dict, config: LlamaConfig, options: DecoderOptions, ids, only=None) -> None:
+    """Writes dequantized int4 (or mixed) weights into `model`; `only(name)` limits which matrices change."""
+    b = DecoderBuilder(None, config, options)
+    calibration = Calibration(config, state["model.embed_tokens.weight"], ids) if options.calibrated else None
+    params = dict(model.named_parameters())
+    for i in range(config.num_hidden_layers):
+        attn, mlp, input_norm, post_norm = _layer_weights(state.get, i)
+        inputs = calibration.layer(attn, mlp, input_norm, post_norm) if calibration else {}
+        for key, path in MATRICES.items():
+            name = f"layers.{i}.{path.split('.')[1]}"
+            if only is None or only(name):
+                _replace(b, params[f"model.layers.{i}.{path}.weight"], name, inputs.get(ROLES[key]))
+    for name in ("embed_tokens", "lm_head"):
+        full = "model.embed_tokens.weight" if name == "embed_tokens" else "lm_head.weight"
+        if full in params and (only is None or only(name)) and not (name == "lm_head" and config.tie_word_embeddings):
+            _replace(b, params[full], name, None)
+
+
+def _replace(b: DecoderBuilder, param, name: str, calib) -> None:
+    from smolexport.onnx.quantize import dequantize_blockwise
+
+    bits, block = b._bits(name, 4)
+    weight = param.detach().numpy()
+    param.data = torch.from_numpy(dequantize_blockwise(b._quantize(weight, bits, block, calib)))
+
+
+def compare(reference_logits: torch.Tensor, model, ids: torch.Tensor) -> dict:
+    with torch.no_grad():
+        logits = model(ids).logits[0].double()
+    ref = reference_logits.log_softmax(-1)
+    out = logits.log_softmax(-1)
+    kl = (ref.exp() * (ref - out)).sum(-1).mean().item()
+    top1 = (ref.argmax(-1) == out.argmax(-1)).double().mean().item()
+    return {"kl": round(kl, 4), "top1": round(top1, 4)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="Hugging Face folder")
+    parser.add_argument("--text", type=Path, default=ROOT / "docs" / "export-folder.md")
+    parser.add_argument("--tokens", type=int, default=1024)
+    parser.add_argument("--algo", default="rtn", help="algorithm for --scan")
+    parser.add_argument("--scan", action="store_true", help="quantize one group at a time")
+    parser.add_argument("--variants", nargs="*", default=[], metavar="ALGO:PATTERNS")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+
+    torch.set_grad_enabled(False)
+    folder = Path(args.model)
+    model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
+    state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    config = LlamaConfig.from_dict(model.config.to_dict())
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    eval_ids = torch.tensor([tokenizer.encode(args.text.read_text()).ids[: args.tokens]])
+    calib_ids = load_calibration_ids(folder / "tokenizer.json", None)
+    reference = model(eval_ids).logits[0].double()
+    results = []
+
+    def run(label: str, options: DecoderOptions, only=None) -> None:
+        started = time.perf_counter()
+        fake_quantize(model, state, config, options, calib_ids, only)
+        row = {"variant": label, **compare(reference, model, eval_ids), "seconds": round(time.perf_counter() - started)}
+        print(json.dumps(row), flush=True)
+        results.append(row)
+        model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+
+    if args.scan:
+        n = config.num_hidden_layers
+        groups = {"embed_tokens/lm_head": lambda m: m in ("embed_tokens", "lm_head")}
+        for kind in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+            groups[f"all {kind}"] = lambda m, kind=kind: m.endswith(kind)
+        for i in sorted({0, 1, n // 2, n - 2, n - 1}):
+            groups[f"layer {i}"] = lambda m, i=i: m.startswith(f"layers.{i}.")
+        options = DecoderOptions(weight_bits=4, lm_head_bits=4, algo=args.algo)
+        for label, only in groups.items():
+            run(f"int4 {args.algo}: only {label}", options, only)
+    for variant in args.variants:
+        algo, _, patterns = variant.partition(":")
+        options = DecoderOptions(weight_bits=4, lm_head_bits=4, algo=algo, int8_layers=parse_patterns(patterns))
+        run(variant, options)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

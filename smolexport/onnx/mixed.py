@@ -1,0 +1,54 @@
+"""Mixed precision: which weight matrices of an int4 export are stored with 8 bits instead.
+
+Matrices are named as in the checkpoint, without the "model." prefix and "self_attn."/"mlp." parts:
+`embed_tokens` (also the lm_head when tied), `lm_head` (untied), `layers.N.q_proj`, `k_proj`, `v_proj`,
+`o_proj`, `gate_proj`, `up_proj`, `down_proj`. Patterns are shell-style (fnmatch), e.g. `embed_tokens`,
+`layers.0.*`, `*.down_proj`. The fused graph packs q/k/v and gate/up into one MatMulNBits each (one bit width
+per node): a packed matrix gets 8 bits when any of its parts matches.
+
+8-bit matrices use wide blocks (`int8_block_size`): at 8 bits a block's range costs little precision, and the
+float32 scales of 32-wide blocks would add 12% to the matrix. The widest of 128/64/32 that divides the input
+width is taken, so that no padding is stored (576 = 9 x 64 for SmolLM2-135M).
+"""
+
+from __future__ import annotations
+
+from fnmatch import fnmatchcase
+
+from ..errors import UsageError
+
+INT8_BLOCK_SIZES = (128, 64, 32)
+PACKED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+KNOWN = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+CANDIDATES = ("embed_tokens", "lm_head", *(f"layers.{i}.{name}" for i in range(1000) for name in KNOWN))
+
+
+def parse_patterns(text: str | None) -> tuple[str, ...]:
+    """`--int8-layers` value: comma-separated patterns."""
+    patterns = tuple(p.strip() for p in (text or "").split(",") if p.strip())
+    for pattern in patterns:
+        if not any(fnmatchcase(name, pattern) for name in CANDIDATES):
+            raise UsageError(
+                f"--int8-layers pattern {pattern!r} matches no weight matrix; names look like embed_tokens, "
+                "lm_head, layers.N.q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"
+            )
+    return patterns
+
+
+def matrix_parts(graph_name: str) -> list[str]:
+    """Checkpoint-style names of the matrices in a graph weight, e.g. 'layers.3.attn.qkv_proj' ->
+    ['layers.3.q_proj', 'layers.3.k_proj', 'layers.3.v_proj']."""
+    parts = graph_name.split(".")
+    if parts[0] != "layers":
+        return [graph_name]
+    prefix, last = ".".join(parts[:2]), parts[-1]
+    return [f"{prefix}.{p}" for p in PACKED_PARTS.get(last, (last,))]
+
+
+def wants_int8(patterns: tuple[str, ...], graph_name: str) -> bool:
+    return any(fnmatchcase(part, p) for part in matrix_parts(graph_name) for p in patterns)
+
+
+def int8_block_size(k: int) -> int:
+    """Block size of an 8-bit matrix with `k` inputs: the widest that divides k, else the widest."""
+    return next((size for size in INT8_BLOCK_SIZES if k % size == 0), INT8_BLOCK_SIZES[0])
