@@ -9,8 +9,10 @@ For each weight set (`orig`: benchmarks/work/smollm2-135m-instruct, the bundled 
 the de-gridded copy, see make_135m_checkpoints.py) the reference is transformers fp32 on that same folder, and
 every variant is built from that folder:
 - smolexport int8, int4 rtn / mse / act-mse / act-mse --lm-head-bits 8: `smolexport onnx`, then
-  `smolexport validate EXPORT --reference FOLDER --json` (its report's overall top1_agreement, mean_kl,
-  ppl_ratio);
+  scored with `smolexport validate`'s own code (smolexport.validate.report: cached decode for the prompts,
+  one pass for the text) against the shared reference, i.e. the overall top1_agreement, mean_kl and
+  ppl_ratio that `smolexport validate EXPORT --reference FOLDER --json` reports, with the reference computed
+  once per weight set instead of once per export;
 - onnxruntime-genai 0.18 model builder int4 and int8 (`-e cpu`), logits from its generate API
   (`Generator.get_output("logits")` after `append_tokens`);
 - llama.cpp through llama-cpp-python: F32 GGUF of the folder (make_ggufs.py) quantized by llama.cpp to Q4_0,
@@ -166,6 +168,27 @@ def peer_metrics(ref: dict, logits_file: Path) -> dict:
     return _overall(comparisons + [t], prompt_results, text)
 
 
+def ours_metrics(ref: dict, export_dir: Path) -> dict:
+    """smolexport validate's own computation (report.py) against the shared reference: the export runs through
+    its KV cache for the prompts and in one pass for the text, as `smolexport validate` runs it."""
+    from smolexport_runtime import load
+
+    from smolexport.validate.metrics import compare_logits
+    from smolexport.validate.report import _export_logits_cached, _export_logits_uncached, _overall
+
+    decoder = load(export_dir, providers="cpu").decoder
+    comparisons, prompt_results = [], []
+    for p in ref["prompts"]:
+        rows = _export_logits_cached(decoder, p["ids"], p["continuation"])
+        c = compare_logits(p["logits"], rows, np.array(p["continuation"]))
+        comparisons.append(c)
+        prompt_results.append({"greedy_identical": c.greedy_match == len(p["continuation"])})
+    rows = _export_logits_uncached(decoder, ref["text"]["ids"])[:-1]
+    t = compare_logits(ref["text"]["logits"], rows, np.array(ref["text"]["ids"][1:]))
+    text = {"ppl_reference": float(np.exp(t.nll_reference)), "ppl_export": float(np.exp(t.nll_export))}
+    return _overall(comparisons + [t], prompt_results, text)
+
+
 def measure(weights: str, variants: list[dict], params: int) -> list[dict]:
     tmp = WORK / "fidelity" / weights / "logits"
     tmp.mkdir(parents=True, exist_ok=True)
@@ -174,10 +197,7 @@ def measure(weights: str, variants: list[dict], params: int) -> list[dict]:
     for v in variants:
         started = time.perf_counter()
         if v["kind"] == "ours":
-            report = tmp / f"{slug(v['name'])}.json"
-            subprocess.run([VENV / "smolexport", "validate", v["path"], "--reference", FOLDERS[weights], "--json",
-                            report], check=False, stdout=subprocess.DEVNULL)  # fmt: skip  (exit 1 = bounds not met)
-            overall = json.loads(report.read_text())["overall"]
+            overall = ours_metrics(ref, v["path"])
         else:
             python = OPTIMUM / "python" if v["kind"] == "optimum" else PEERS
             out = tmp / f"{slug(v['name'])}.npz"
