@@ -46,6 +46,8 @@ def variants_135m() -> list[dict]:
         {"name": "smolexport int4 act-mse, lm_head 8-bit", "kind": "ours",
          "path": ORIG / "smolexport-int4-act-mse-lm-head-8-bit"},
         {"name": "smolexport int8", "kind": "ours", "path": ORIG / "smolexport-int8"},
+        {"name": "smolexport int4 (rtn) --accuracy-level 4", "kind": "ours", "path": ORIG / "smolexport-int4-rtn-acc4",
+         "flags": ["--quant", "int4", "--algo", "rtn", "--accuracy-level", "4"]},
         {"name": "onnxruntime-genai int4", "kind": "genai", "path": ORIG / "genai-int4"},
         {"name": "onnxruntime-genai int8", "kind": "genai", "path": ORIG / "genai-int8"},
         {"name": "llama.cpp Q4_0", "kind": "llamacpp", "path": ORIG / "llamacpp-q4_0.gguf"},
@@ -118,9 +120,14 @@ def workload(tokenizer_export: Path, runs: int, out: Path) -> Path:
     return out
 
 
-def measure(v: dict, work_file: Path, runs: int, tmp: Path) -> dict:
+def measure(v: dict, work_file: Path, runs: int, tmp: Path, reuse: bool = False) -> dict:
+    if "flags" in v and not (v["path"] / "smolexport.json").exists():
+        run([VENV / "smolexport", "onnx", "--model", WORK / "smollm2-135m-instruct", *v["flags"], "--output", v["path"],
+             "--force", "-q"])  # fmt: skip
     out = tmp / f"{v['kind']}-{Path(v['path']).name}.json"
-    if v["kind"] == "ours":
+    if reuse and out.exists():
+        pass
+    elif v["kind"] == "ours":
         run([VENV / "smolexport", "bench", v["path"], "--threads", "2", "--runs", runs, "--json", out],
             stdout=subprocess.DEVNULL)  # fmt: skip
     else:
@@ -167,6 +174,7 @@ def main() -> None:
     parser.add_argument("--model", nargs="+", choices=["135m", "1.7b"], default=["135m"])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--only", default=None, help="run only variants whose name contains this")
+    parser.add_argument("--reuse", action="store_true", help="keep results already in benchmarks/work/speed/")
     parser.add_argument("--output", type=Path, default=BENCH / "results")
     args = parser.parse_args()
     args.output.mkdir(parents=True, exist_ok=True)
@@ -182,7 +190,11 @@ def main() -> None:
         work_file = workload(variants[0]["path"], args.runs, tmp / f"workload-{model}.json")
         rows = []
         for v in variants:
-            rows.append(measure(v, work_file, args.runs, tmp))
+            try:
+                rows.append(measure(v, work_file, args.runs, tmp, args.reuse))
+            except subprocess.CalledProcessError as exc:
+                print(f"FAILED {v['name']}: {exc}", flush=True)
+                continue
             print(json.dumps(rows[-1]), flush=True)
         results[model] = rows
         text.append(markdown(rows, bandwidth, f"SmolLM2-{model.upper()}" + (" (random weights)" if model == "1.7b" else "")))

@@ -72,15 +72,21 @@ class LlamaCpp:
             model_path=model, n_ctx=context, n_batch=512, n_threads=THREADS, n_threads_batch=THREADS,
             logits_all=logits_all, verbose=False,
         )  # fmt: skip
+        self.lib, self.n_vocab = llama_cpp, self.llm.n_vocab()
+
+    def _pick(self):
+        # without logits_all, llama-cpp-python keeps no scores: read the last position's logits from llama.cpp
+        logits = np.ctypeslib.as_array(self.lib.llama_get_logits_ith(self.llm.ctx, -1), shape=(self.n_vocab,))
+        return int(np.argmax(logits))
 
     def prefill(self, ids):
         self.llm.reset()
         self.llm.eval(ids)
-        return int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+        return self._pick()
 
     def step(self, token):
         self.llm.eval([token])
-        return int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+        return self._pick()
 
     def logits(self, ids):
         self.llm.reset()
@@ -113,7 +119,7 @@ class Genai:
         return self.og.Generator(self.model, params)
 
     def prefill(self, ids, max_length=None):
-        self.gen = self._generator(max_length or self.context)
+        self.gen = self._generator(max_length or self.context + 1)  # + the token picked last
         self.gen.append_tokens(np.array(ids, dtype=np.int32))
         return self._pick()
 
@@ -225,6 +231,14 @@ def timed(fn, *args):
     return time.perf_counter() - start, value
 
 
+def peak_rss_mb() -> float:
+    """This process's peak RSS (VmHWM). Not ru_maxrss: Linux carries that over from the parent across fork + exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 def cmd_speed(backend: str, model: str, workload_file: str, out: str) -> None:
     w = json.loads(Path(workload_file).read_text())
     chat, long, filler = w["chat_ids"], w["long_ids"], w["context_ids"]
@@ -254,7 +268,7 @@ def cmd_speed(backend: str, model: str, workload_file: str, out: str) -> None:
         "ttft_ms_chat": round(1000 * statistics.median(chat_s), 1),
         "ttft_ms_long": round(1000 * statistics.median(long_s), 1),
         "decode_tok_s": round(statistics.median(decode), 1),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mb": peak_rss_mb(),
     }
     Path(out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
