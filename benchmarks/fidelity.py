@@ -121,7 +121,7 @@ def parameter_count(folder: Path) -> int:
     total = 0
     for file in folder.glob("*.safetensors"):
         with safe_open(str(file), framework="np") as f:
-            total += sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())
+            total += sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())  # noqa: SIM118
     return total
 
 
@@ -143,7 +143,9 @@ def reference(weights: str, export_dir: Path, tmp: Path) -> dict:
         ids = export.encode(prompt, chat=True)
         continuation = _reference_greedy(model, ids, 32, eos)
         seq = np.array(ids + continuation)
-        prompts.append({"ids": ids, "continuation": continuation, "logits": _torch_logits(model, seq)[len(ids) - 1 : -1]})
+        prompts.append(
+            {"ids": ids, "continuation": continuation, "logits": _torch_logits(model, seq)[len(ids) - 1 : -1]}
+        )
     text_ids = export.encode(DEFAULT_TEXT, chat=False)[: export.manifest.model.context_length]
     text = {"ids": text_ids, "logits": _torch_logits(model, np.array(text_ids))[:-1]}
     sequences = [p["ids"] + p["continuation"] for p in prompts] + [text_ids]
@@ -244,7 +246,9 @@ def main() -> None:
         params = parameter_count(FOLDERS[weights])
         rows += measure(weights, variants, params)
         (args.output / "fidelity-135m.json").write_text(json.dumps(rows, indent=2) + "\n")
-    stamp = f"{datetime.date.today()}, {platform.node() or 'host'}, `{' '.join(['benchmarks/fidelity.py', *sys.argv[1:]])}`"
+    stamp = (
+        f"{datetime.date.today()}, {platform.node() or 'host'}, `{' '.join(['benchmarks/fidelity.py', *sys.argv[1:]])}`"
+    )
     text = "\n".join(markdown(rows, w) for w in args.weights)
     (args.output / "fidelity-135m.md").write_text(f"<!-- {stamp} -->\n{text}")
     print(text)

@@ -89,7 +89,7 @@ def write(folder: Path, out: Path, dtype: str, fields=None) -> None:
     n_head, n_kv = config["num_attention_heads"], config["num_key_value_heads"]
     for file in sorted(folder.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:
-            for hf in f.keys():
+            for hf in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
                 w = f.get_tensor(hf).float().numpy()
                 if hf.endswith("q_proj.weight"):
                     w = permute(w, n_head)

@@ -23,7 +23,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import threading
@@ -197,9 +196,12 @@ def main() -> None:
                 continue
             print(json.dumps(rows[-1]), flush=True)
         results[model] = rows
-        text.append(markdown(rows, bandwidth, f"SmolLM2-{model.upper()}" + (" (random weights)" if model == "1.7b" else "")))
+        text.append(
+            markdown(rows, bandwidth, f"SmolLM2-{model.upper()}" + (" (random weights)" if model == "1.7b" else ""))
+        )
     results["load_after"] = os.getloadavg()
-    stamp = (f"{datetime.date.today()}, load average before {load_before[0]:.2f} / after {results['load_after'][0]:.2f}, "
+    after = results["load_after"][0]
+    stamp = (f"{datetime.date.today()}, load average before {load_before[0]:.2f} / after {after:.2f}, "
              f"`benchmarks/speed.py {' '.join(sys.argv[1:])}`")  # fmt: skip
     (args.output / "speed.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.output / "speed.md").write_text(f"<!-- {stamp} -->\n" + "\n".join(text))
