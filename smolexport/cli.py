@@ -304,6 +304,39 @@ def validate_command(
     sys.exit(0 if report.passed and not regressed else 1)
 
 
+@main.command("coreml")
+@click.option(
+    "--model",
+    "model",
+    default=DEFAULT_MODEL,
+    show_default=True,
+    help="Hub id, local Hugging Face folder, .gguf file, or the bundled 'smollm2-135m-instruct'.",
+)
+@click.option("--quant", type=click.Choice(["int4", "int8", "fp16"]), default="int4", show_default=True)
+@click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="Export folder to create.")
+@click.option(
+    "--context",
+    "context_length",
+    type=click.IntRange(3),
+    default=2048,
+    show_default=True,
+    help="KV-cache length (Core ML states are allocated at this size).",
+)
+@click.option("--force", is_flag=True, help="Replace the output folder if it is an earlier export.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
+@user_errors
+def coreml_command(model, quant, output, context_length, force, quiet):
+    """Export MODEL to a Core ML ML Program with a stateful KV cache (iOS 18 / macOS 15)."""
+    from .coreml.export import CoreMLExportOptions, export_coreml
+
+    options = CoreMLExportOptions(quant=quant, context_length=context_length, force=force)
+    manifest = export_coreml(model, output, options, Progress(enabled=not quiet))
+    size = sum(f["bytes"] for f in manifest["files"].values())
+    click.echo(
+        f"exported {model} ({quant}, Core ML) to {output}: {size / 1e6:.1f} MB in {manifest['export_seconds']} s"
+    )
+
+
 @main.command("bench")
 @click.argument("export_dir", type=click.Path(path_type=Path))
 @click.option("--threads", type=click.IntRange(1), default=2, show_default=True)

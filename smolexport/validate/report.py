@@ -166,8 +166,13 @@ def validate_export(
     started = time.perf_counter()
     prompts, text = load_prompts(prompts_file), load_text(text_file)
     progress.step(f"loading export {export_dir}")
-    export = load(export_dir, providers="cpu")
-    manifest = export.manifest
+    if _format(export_dir) == "smolexport-coreml":
+        from ..coreml.runner import load_coreml_for_validation
+
+        export, manifest = load_coreml_for_validation(export_dir)
+    else:
+        export = load(export_dir, providers="cpu")
+        manifest = export.manifest
     quant = manifest.quant["mode"]
     bounds = bounds_for(quant, thresholds)
     reference = reference or manifest.source["spec"]
@@ -238,6 +243,13 @@ def validate_export(
         seconds=time.perf_counter() - started,
         latency=timings.summary(export.decoder),
     )
+
+
+def _format(export_dir: Path) -> str | None:
+    try:
+        return json.loads((Path(export_dir) / "smolexport.json").read_text()).get("format")
+    except (OSError, ValueError):
+        return None  # the loader reports a missing or corrupt manifest properly
 
 
 def _overall(comparisons: list[LogitComparison], prompts: list[dict], text: dict) -> dict[str, float]:

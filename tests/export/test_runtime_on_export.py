@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from smolexport_runtime import load
-from tests.export.test_decoder_numerics import quantized_copy
 
 from smolexport.onnx.export import OnnxExportOptions, export_onnx
+from tests.export.test_decoder_numerics import quantized_copy
 
 
 @pytest.mark.parametrize("which", ["gqa_tied", "mha_untied"])

@@ -1,0 +1,56 @@
+"""Core ML export on Linux: spec structure, and the NumPy reference interpreter against PyTorch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+ct = pytest.importorskip("coremltools")
+
+from smolexport.coreml.export import CoreMLExportOptions, export_coreml  # noqa: E402
+from smolexport.coreml.interpreter import Interpreter  # noqa: E402
+from smolexport_runtime.coreml import causal_mask  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def exports(tiny_models, tmp_path_factory):
+    folder, model = tiny_models["gqa_tied"]
+    root = tmp_path_factory.mktemp("coreml")
+    for quant in ("fp16", "int4"):
+        export_coreml(str(folder), root / quant, CoreMLExportOptions(quant=quant, context_length=64))
+    return root, model
+
+
+def run_cached(package, ids):
+    interpreter = Interpreter(package)
+    state = interpreter.new_state()
+    rows = []
+    out = interpreter.predict({"input_ids": np.array([ids[:3]], np.int32), "causal_mask": causal_mask(3, 3)}, state)
+    rows.append(out["logits"][0, -1])
+    for n in range(3, len(ids)):
+        step = {"input_ids": np.array([[ids[n]]], np.int32), "causal_mask": causal_mask(1, n + 1)}
+        rows.append(interpreter.predict(step, state)["logits"][0, -1])
+    return np.stack(rows).astype(np.float32)
+
+
+def test_spec_has_states_fused_attention_and_compressed_weights(exports):
+    root, _ = exports
+    ops = [op.op_type for op in Interpreter(root / "int4" / "model.mlpackage").ops]
+    assert ops.count("read_state") == 2 and ops.count("coreml_update_state") >= 2
+    assert "scaled_dot_product_attention" in ops
+    assert ops.count("constexpr_blockwise_shift_scale") == 1 + 7 * 2  # tied embedding once, 7 per layer
+    names = Interpreter(root / "fp16" / "model.mlpackage").state_names()
+    assert sorted(names) == ["key_cache", "value_cache"]
+
+
+def test_interpreter_with_states_matches_pytorch(exports):
+    root, model = exports
+    ids = [5, 9, 11, 40, 7, 13]
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).logits[0, 2:].numpy()
+    got = run_cached(root / "fp16" / "model.mlpackage", ids)
+    np.testing.assert_allclose(got, expected, atol=0.05, rtol=0)  # fp16 compute
+    assert (got.argmax(-1) == expected.argmax(-1)).all()
+    int4 = run_cached(root / "int4" / "model.mlpackage", ids)
+    assert np.abs(int4 - expected).max() < 2.0 and np.abs(int4 - got).max() > 1e-3  # compressed, still close
