@@ -8,9 +8,10 @@ import torch
 
 ct = pytest.importorskip("coremltools")
 
+from smolexport_runtime.coreml import causal_mask  # noqa: E402
+
 from smolexport.coreml.export import CoreMLExportOptions, export_coreml  # noqa: E402
 from smolexport.coreml.interpreter import Interpreter  # noqa: E402
-from smolexport_runtime.coreml import causal_mask  # noqa: E402
 
 
 @pytest.fixture(scope="module")
