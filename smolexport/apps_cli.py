@@ -5,7 +5,6 @@ The apps use only the lightweight runtime; this module imports neither torch nor
 
 from __future__ import annotations
 
-import functools
 import importlib
 import importlib.util
 import sys
@@ -14,26 +13,8 @@ from types import ModuleType
 
 import click
 
+from .cli_errors import user_errors
 from .errors import SmolexportError
-
-
-def _app_errors(command):
-    """One line on stderr and a non-zero exit for errors a user can cause, as the other commands do."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        from smolexport_runtime import SmolexportRuntimeError
-
-        try:
-            return command(*args, **kwargs)
-        except SmolexportError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(exc.exit_code)
-        except SmolexportRuntimeError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(1)
-
-    return wrapper
 
 
 def sample_app(name: str) -> ModuleType:
@@ -101,7 +82,7 @@ _threads = click.option("--threads", type=click.IntRange(1), default=None, help=
 @_provider
 @_threads
 @click.option("--quiet", "-q", is_flag=True, help="Do not log requests.")
-@_app_errors
+@user_errors
 def serve_command(
     export_dir, host, port, api_key, model_name, default_max_tokens, default_temperature, max_queue, provider, threads,
     quiet,
@@ -143,7 +124,7 @@ def serve_command(
 @click.option("--seed", type=click.IntRange(0), default=None)
 @_provider
 @_threads
-@_app_errors
+@user_errors
 def chat_command(export_dir, system, max_new_tokens, temperature, top_p, seed, provider, threads):
     """Chat with an export in the terminal (multi-turn; /reset, /system TEXT, /exit)."""
     chat_module = sample_app("terminal_chat")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
@@ -11,7 +10,8 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .errors import SmolexportError, UsageError
+from .cli_errors import user_errors
+from .errors import UsageError
 from .onnx.export import ALGOS, QUANT_MODES, OnnxExportOptions, export_onnx
 from .onnx.presets import PRESETS
 from .progress import Progress
@@ -27,28 +27,6 @@ def writable(path: Path | None) -> Path | None:
     if path is not None and not path.absolute().parent.is_dir():
         raise UsageError(f"cannot write {path}: folder {path.absolute().parent} does not exist")
     return path
-
-
-def user_errors(command):
-    """Prints a user-caused error as one line on stderr and exits non-zero, never with a traceback."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        from smolexport_runtime import SmolexportRuntimeError
-
-        try:
-            return command(*args, **kwargs)
-        except SmolexportError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(exc.exit_code)
-        except SmolexportRuntimeError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(1)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
-
-    return wrapper
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

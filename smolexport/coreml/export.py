@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from smolexport_runtime.coreml import causal_mask
 
 from .. import __version__
 from ..errors import SmolexportError, UsageError
@@ -75,15 +76,6 @@ def export_coreml(model: str, output: Path, options: CoreMLExportOptions, progre
         manifest = write_manifest(staging, _manifest(ct, source, options, time.perf_counter() - started))
     progress.step(f"done: {output}")
     return manifest
-
-
-def causal_mask(new_tokens: int, total: int) -> np.ndarray:
-    """[1, 1, new, total] fp16: 0 where a new token may attend, -inf elsewhere (the model's second input)."""
-    past = total - new_tokens
-    mask = np.zeros((1, 1, new_tokens, total), np.float16)
-    for i in range(new_tokens):
-        mask[0, 0, i, past + i + 1 :] = -np.inf
-    return mask
 
 
 def _convert(ct, source, context: int, progress: Progress):
