@@ -300,14 +300,26 @@ def validate_command(
     show_default=True,
     help="KV-cache length (Core ML states are allocated at this size).",
 )
+@click.option(
+    "--algo",
+    type=click.Choice(["rtn", "mse"]),
+    default="rtn",
+    show_default=True,
+    help="int4 rounding: round-to-nearest, or a per-block clip search minimizing the weight error.",
+)
+@click.option("--block-size", type=click.Choice(["16", "32", "64", "128"]), default="32", show_default=True)
+@click.option("--all-logits", is_flag=True, help="Output logits for every new position, not only the last.")
 @click.option("--force", is_flag=True, help="Replace the output folder if it is an earlier export.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
 @user_errors
-def coreml_command(model, quant, output, context_length, force, quiet):
+def coreml_command(model, quant, output, context_length, algo, block_size, all_logits, force, quiet):
     """Export MODEL to a Core ML ML Program with a stateful KV cache (iOS 18 / macOS 15)."""
     from .coreml.export import CoreMLExportOptions, export_coreml
 
-    options = CoreMLExportOptions(quant=quant, context_length=context_length, force=force)
+    options = CoreMLExportOptions(
+        quant=quant, context_length=context_length, block_size=int(block_size), algo=algo,
+        all_logits=all_logits, force=force,
+    )  # fmt: skip
     manifest = export_coreml(model, output, options, Progress(enabled=not quiet))
     size = sum(f["bytes"] for f in manifest["files"].values())
     click.echo(

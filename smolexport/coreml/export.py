@@ -1,11 +1,12 @@
 """`export_coreml`: model source -> self-contained folder with a stateful Core ML ML Program.
 
-Steps: build the conversion-friendly torch module from the checkpoint in fp16 (coreml/model.py), trace it
-with two new tokens (the single-token case gets special-cased by the tracer), convert to an ML Program for
-iOS 18 / macOS 15 with the KV caches as Core ML states, then compress linear and embedding weights
-(int4: block-wise, block 32; int8: per output channel). The tied embedding / lm_head is one constant feeding
-both the gather and the linear op, so it is stored once.
-Memory: the torch module holds the weights once in fp16 and is freed before compression.
+Steps: build the program op by op from the checkpoint (coreml/program.py), each weight quantized as it is read
+(coreml/weights.py: int4 block-wise, int8 per output channel, or fp16); convert it to an ML Program for
+iOS 18 / macOS 15 with the KV caches as Core ML states; save it with the tokenizer, chat template, generation
+config and a manifest. The tied embedding / lm_head is one constant feeding both the gather and the linear op,
+so it is stored once.
+Memory: the process holds the compressed program plus one fp32 matrix at a time (1.7B shapes, int4: see
+docs/coreml.md for the measured peak).
 """
 
 from __future__ import annotations
@@ -19,13 +20,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from smolexport_runtime.coreml import causal_mask
 
 from .. import __version__
-from ..errors import SmolexportError, UsageError
+from ..errors import UsageError
 from ..packaging import staged_output, write_manifest
 from ..progress import SILENT, Progress
 from ..sources import open_source
+from . import import_coremltools
+from .program import ProgramOptions, build_program
+from .weights import WeightCodec
 
 QUANT_MODES = ("int4", "int8", "fp16")
 PACKAGE = "model.mlpackage"
@@ -36,35 +39,23 @@ class CoreMLExportOptions:
     quant: str = "int4"
     context_length: int = 2048
     block_size: int = 32
+    algo: str = "rtn"  # int4 rounding: "rtn" or "mse" (per-block clip search), as in the ONNX export
+    all_logits: bool = False  # logits for every new position instead of the last one only
     force: bool = False
-
-
-def _coremltools():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            import coremltools as ct
-        except ImportError:
-            raise SmolexportError("Core ML export needs coremltools: pip install 'smolexport[coreml]'") from None
-    return ct
 
 
 def export_coreml(model: str, output: Path, options: CoreMLExportOptions, progress: Progress = SILENT) -> dict:
     started = time.perf_counter()
     if options.quant not in QUANT_MODES:
         raise UsageError(f"unknown quant {options.quant!r} for Core ML: choose one of {', '.join(QUANT_MODES)}")
-    ct = _coremltools()
+    ct = import_coremltools()
     progress.step(f"loading {model}")
     source = open_source(model)
     context = options.context_length
     if not 2 < context <= source.config.max_position_embeddings:
         raise UsageError(f"context must be between 3 and the model's {source.config.max_position_embeddings}")
     with staged_output(Path(output), options.force) as staging:
-        progress.step("building the fp16 model")
-        mlmodel = _convert(ct, source, context, progress)
-        if options.quant != "fp16":
-            progress.step(f"compressing weights to {options.quant}")
-            mlmodel = _compress(mlmodel, options)
+        mlmodel = _convert(ct, source, options, progress)
         progress.step("saving the ML Program")
         mlmodel.save(str(staging / PACKAGE))
         del mlmodel
@@ -78,53 +69,24 @@ def export_coreml(model: str, output: Path, options: CoreMLExportOptions, progre
     return manifest
 
 
-def _convert(ct, source, context: int, progress: Progress):
-    import torch
-
-    from .model import CoreMLLlama
-
-    module = CoreMLLlama(source.config, source.get_weight, context, dtype=torch.float16).eval()
-    example = (torch.tensor([[1, 2]], dtype=torch.int32), torch.from_numpy(causal_mask(2, 2)))
-    progress.step("tracing")
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        traced = torch.jit.trace(module, example)
-    cache = ct.TensorType(shape=tuple(module.key_cache.shape), dtype=np.float16)
+def _convert(ct, source, options: CoreMLExportOptions, progress: Progress):
+    codec = WeightCodec(options.quant, options.block_size, options.algo)
+    program_options = ProgramOptions(options.context_length, options.all_logits)
+    progress.step(f"building the program ({options.quant} weights)")
+    program = build_program(source.config, source.get_weight, codec, program_options, progress)
+    context = options.context_length
     inputs = [
         ct.TensorType("input_ids", shape=(1, ct.RangeDim(1, context)), dtype=np.int32),
         ct.TensorType("causal_mask", shape=(1, 1, ct.RangeDim(1, context), ct.RangeDim(1, context)), dtype=np.float16),
     ]
-    states = [ct.StateType(wrapped_type=cache, name="key_cache"), ct.StateType(wrapped_type=cache, name="value_cache")]
-    del module
-    gc.collect()
     progress.step("converting to an ML Program")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return ct.convert(
-            traced, inputs=inputs, outputs=[ct.TensorType("logits", dtype=np.float16)], states=states,
-            minimum_deployment_target=ct.target.iOS18, compute_precision=ct.precision.FLOAT16,
+            program, inputs=inputs, minimum_deployment_target=ct.target.iOS18,
+            compute_precision=ct.precision.FLOAT16,
             skip_model_load=True,  # Core ML cannot load models on Linux; saving needs no load
         )  # fmt: skip
-
-
-def _compress(mlmodel, options: CoreMLExportOptions):
-    import coremltools.optimize.coreml as cto
-
-    if options.quant == "int4":
-        config = cto.OpLinearQuantizerConfig(
-            mode="linear_symmetric", dtype="int4", granularity="per_block", block_size=options.block_size,
-            weight_threshold=512,
-        )  # fmt: skip
-    else:
-        config = cto.OpLinearQuantizerConfig(
-            mode="linear_symmetric", dtype="int8", granularity="per_channel", weight_threshold=512
-        )
-    # Only weights consumed by linear layers and the embedding gather: the RoPE tables stay fp16.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return cto.linear_quantize_weights(
-            mlmodel, config=cto.OptimizationConfig(op_type_configs={"linear": config, "gather": config})
-        )
 
 
 def _manifest(ct, source, options: CoreMLExportOptions, seconds: float) -> dict[str, Any]:
@@ -135,9 +97,10 @@ def _manifest(ct, source, options: CoreMLExportOptions, seconds: float) -> dict[
         "source": source.describe(),
         "quant": {
             "mode": options.quant,
+            "algo": options.algo if options.quant == "int4" else None,
             "weights": {
-                "int4": f"int4 symmetric, blocks of {options.block_size}",
-                "int8": "int8 per channel",
+                "int4": f"uint4 with fp16 scale and uint4 offset per block of {options.block_size} ({options.algo})",
+                "int8": "int8 symmetric per output channel",
                 "fp16": "fp16",
             }[options.quant],  # fmt: skip
             "compute_precision": "fp16",
@@ -156,8 +119,13 @@ def _manifest(ct, source, options: CoreMLExportOptions, seconds: float) -> dict[
         "package": PACKAGE,
         "deployment_target": "iOS18 / macOS15",
         "io": {
+            "logits_positions": "all" if options.all_logits else "last",
             "inputs": {"input_ids": "int32 [1, S]", "causal_mask": "fp16 [1, 1, S, P+S]"},
-            "outputs": {"logits": "fp16 [1, 1, vocab] (last position)"},
+            "outputs": {
+                "logits": "fp16 [1, S, vocab] (every position)"
+                if options.all_logits
+                else "fp16 [1, 1, vocab] (last position)"
+            },  # fmt: skip
             "states": {
                 name: f"fp16 [{c.num_hidden_layers}, {c.num_key_value_heads}, {options.context_length}, {c.head_dim}]"
                 for name in ("key_cache", "value_cache")

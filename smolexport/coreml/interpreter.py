@@ -10,19 +10,17 @@ Only the ops our converter emits are implemented: an unknown op raises a clear e
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import SmolexportError
+from . import import_coremltools
 
 
 def _load_program(package: Path):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import coremltools as ct
-        from coremltools.converters.mil.frontend.milproto.load import load as milproto_load
+    ct = import_coremltools()
+    from coremltools.converters.mil.frontend.milproto.load import load as milproto_load
 
     spec = ct.utils.load_spec(str(package))
     weights = package / "Data" / "com.apple.CoreML" / "weights"
@@ -71,12 +69,50 @@ class Interpreter:
         program = _load_program(package)
         self.function = program.functions["main"]
         self.ops = list(self.function.operations)
+        self._in_place = self._in_place_updates()
         self.consts: dict[str, np.ndarray] = {}
+        self._fp32_weights: dict[str, np.ndarray] = {}
         for op in self.ops:  # constants (and dequantized compressed weights) once, up front
             if op.op_type == "const":
                 self.consts[op.outputs[0].name] = np.asarray(op.val.val)
             elif op.op_type.startswith("constexpr"):
                 self.consts[op.outputs[0].name] = self._constexpr(op)
+
+    def _in_place_updates(self) -> set[int]:
+        """Indices of slice_update ops that may write into their input instead of copying it: the input has no
+        later use, none of its consumers keeps a view of it, and no read_state follows (so nothing can observe
+        the old value). Without this, a decode step copied the whole KV cache several times per layer."""
+        last_use: dict[str, int] = {}
+        consumers: dict[str, set[str]] = {}
+        last_read_state = -1
+        for index, op in enumerate(self.ops):
+            if op.op_type == "read_state":
+                last_read_state = index
+            for var in op.inputs.values():
+                for v in var if isinstance(var, (list, tuple)) else [var]:
+                    last_use[v.name] = index
+                    consumers.setdefault(v.name, set()).add(op.op_type)
+        for var in self.function.outputs:
+            last_use[var.name] = len(self.ops)
+        return {
+            index
+            for index, op in enumerate(self.ops)
+            if op.op_type == "slice_update"
+            and index > last_read_state
+            and last_use.get(op.inputs["x"].name) == index
+            # consumers that cannot hold a view of it (slice_by_index copies; the state is not read again)
+            and consumers[op.inputs["x"].name] <= {"slice_update", "coreml_update_state", "slice_by_index"}
+            and op.inputs["x"].op is not None
+            and not op.inputs["x"].op.op_type.startswith("const")
+        }
+
+    def _fp32_transposed(self, name: str, weight: np.ndarray) -> np.ndarray:
+        """A constant weight [N, K] as fp32 [K, N], converted once: per call it dominated the run time."""
+        if name not in self.consts:
+            return weight.astype(np.float32).T
+        if name not in self._fp32_weights:
+            self._fp32_weights[name] = np.ascontiguousarray(weight.astype(np.float32).T)
+        return self._fp32_weights[name]
 
     def _constexpr(self, op) -> np.ndarray:
         inputs = {k: np.asarray(v.val) for k, v in op.inputs.items()}
@@ -115,12 +151,13 @@ class Interpreter:
                 env[name] = np.asarray(inputs[name]).astype(_np_dtype(var))
             else:
                 raise SmolexportError(f"missing input {name!r}")
-        for op in self.ops:
+        for index, op in enumerate(self.ops):
             if op.op_type == "const" or op.op_type.startswith("constexpr"):
                 continue
+            self._index = index
             results = self._run(op, env, state)
             for var, value in zip(op.outputs, results, strict=True):
-                env[var.name] = value if op.op_type == "shape" else np.asarray(value).astype(_np_dtype(var))
+                env[var.name] = value if op.op_type == "shape" else np.asarray(value).astype(_np_dtype(var), copy=False)
         return {var.name: env[var.name] for var in self.function.outputs}
 
     def _run(self, op, env, state):  # noqa: C901 (one branch per op type is the clearest form)
@@ -195,7 +232,7 @@ class Interpreter:
             keep = bool(get("keep_dims")) if get("keep_dims") is not None else False
             return [fn(x.astype(np.float32), axis=axes, keepdims=keep)]
         if t == "linear":
-            y = x.astype(np.float32) @ get("weight").astype(np.float32).T
+            y = x.astype(np.float32) @ self._fp32_transposed(op.inputs["weight"].name, get("weight"))
             bias = get("bias")
             return [y if bias is None else y + bias.astype(np.float32)]
         if t == "matmul":
@@ -225,14 +262,14 @@ class Interpreter:
             index = _slice(x, get("begin"), get("end"), stride, masks["begin_mask"], masks["end_mask"],
                            masks["squeeze_mask"])  # fmt: skip
             if t == "slice_by_index":
-                return [x[index]]
-            out = x.copy()
+                return [x[index].copy()]  # not a view: the source may be updated in place later
+            out = x if self._index in self._in_place else x.copy()
             out[index] = get("update")
             return [out]
         if t == "read_state":
             return [state[get("input")].copy()]
         if t == "coreml_update_state":
             name, value = get("state"), get("value")
-            state[name][...] = value
+            state[name] = value  # rebinding, not copying: see _in_place_updates
             return [value]
         raise SmolexportError(f"the reference interpreter does not implement the Core ML op {t!r}")

@@ -49,7 +49,21 @@ def quantize_blockwise(
     algo: str = "rtn",
     importance: np.ndarray | None = None,
 ) -> BlockQuantized:
-    """Quantizes W [N, K] block-wise along K.
+    """Quantizes W [N, K] block-wise along K into MatMulNBits' packed layout (see `block_codes`)."""
+    q, scales, zero_points = block_codes(weight, bits, block_size, scale_dtype, algo, importance)
+    return pack_blocks(q, scales, zero_points, bits, block_size, weight.shape[1])
+
+
+def block_codes(
+    weight: np.ndarray,
+    bits: int,
+    block_size: int,
+    scale_dtype=np.float32,
+    algo: str = "rtn",
+    importance: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Quantizes W [N, K] block-wise along K: (q [N, n_blocks, block_size], scales, zero points [N, n_blocks]),
+    unpacked uint8, K zero-padded to whole blocks.
 
     algo "rtn": round to nearest over each block's range (widened to include 0).
     algo "mse": per block, the range shrink factor (from SHRINK_GRID) that minimizes the block's squared
@@ -82,7 +96,7 @@ def quantize_blockwise(
     for start in range(0, n, ROWS_PER_CHUNK):
         rows = slice(start, start + ROWS_PER_CHUNK)
         q[rows], scales[rows], zero_points[rows] = search_grid(blocks[rows], qmax, scale_dtype, shrinks, weights)
-    return pack_blocks(q, scales, zero_points, bits, block_size, k)
+    return q, scales, zero_points
 
 
 def pack_blocks(q, scales, zero_points, bits: int, block_size: int, k: int) -> BlockQuantized:

@@ -23,6 +23,9 @@ class LogitComparison:
     greedy_match: int  # leading positions where the export's argmax equals the reference's next token
     nll_reference: float  # mean negative log-likelihood of the target tokens
     nll_export: float
+    # At the first position where the export's argmax leaves the targets: the reference's top-1 minus top-2
+    # logit there. A small margin (below the quant mode's logit error) means a near tie, not a broken export.
+    divergence_margin: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -37,6 +40,10 @@ def compare_logits(reference: np.ndarray, export: np.ndarray, targets: np.ndarra
     agree = reference.argmax(axis=-1) == export_top1
     mismatches = np.flatnonzero(export_top1 != targets)
     rows = np.arange(len(targets))
+    margin = None
+    if len(mismatches):
+        top2 = np.partition(reference[mismatches[0]].astype(np.float64), -2)[-2:]
+        margin = float(top2[1] - top2[0])
     return LogitComparison(
         positions=len(targets),
         max_abs_logit_diff=float(diff.max()),
@@ -46,4 +53,5 @@ def compare_logits(reference: np.ndarray, export: np.ndarray, targets: np.ndarra
         greedy_match=int(mismatches[0]) if len(mismatches) else len(targets),
         nll_reference=float(-ref_lp[rows, targets].mean()),
         nll_export=float(-exp_lp[rows, targets].mean()),
+        divergence_margin=margin,
     )

@@ -66,6 +66,12 @@ class ValidationReport:
             f"export {self.export} ({self.quant}) vs {self.reference}",
             f"  prompts: {len(self.prompts)}, greedy identical: {o['greedy_identical_fraction']:.0%}, "
             f"tokens compared: {o['positions']}",
+            *(
+                f"  diverged at token {p['greedy_match'] + 1}/{p['positions']} where the reference's top-2 "
+                f"margin was {p['divergence_margin']:.3g}: {p['prompt'][:50]!r}"
+                for p in self.prompts
+                if not p["greedy_identical"]
+            ),
             f"  top-1 agreement {o['top1_agreement']:.4f}   mean KL {o['mean_kl']:.3g}   "
             f"max |logit diff| {o['max_abs_logit_diff']:.3g}   mean {o['mean_abs_logit_diff']:.3g}",
             f"  perplexity: reference {self.text['ppl_reference']:.3f}, export {self.text['ppl_export']:.3f}, "
@@ -76,6 +82,7 @@ class ValidationReport:
             lines.append(
                 f"  latency: prefill {lat['prefill_ms']:.1f} ms (median prompt {lat['prefill_tokens']} tokens), "
                 f"decode {lat['decode_ms_per_token']:.2f} ms/token ({lat['decode_tokens_per_s']:.1f} tokens/s)"
+                f"{_latency_note(lat)}"
             )
         for c in self.checks:
             op = "<=" if c["kind"] == "max" else ">="
@@ -118,7 +125,8 @@ class ValidationReport:
             lat = self.latency
             lines += [
                 f"| prefill | {lat['prefill_ms']:.1f} ms (median prompt, {lat['prefill_tokens']} tokens) |",
-                f"| decode | {lat['decode_ms_per_token']:.2f} ms/token ({lat['decode_tokens_per_s']:.1f} tokens/s) |",
+                f"| decode | {lat['decode_ms_per_token']:.2f} ms/token ({lat['decode_tokens_per_s']:.1f} tokens/s)"
+                f"{_latency_note(lat)} |",
             ]
         if self.baseline is not None:
             from .baseline import baseline_markdown
@@ -265,6 +273,8 @@ def _overall(comparisons: list[LogitComparison], prompts: list[dict], text: dict
         "top1_agreement": pooled("top1_agreement"),
         "mean_kl": pooled("mean_kl"),
         "greedy_identical_fraction": float(np.mean([p["greedy_identical"] for p in prompts])),
+        # The widest reference margin at which any prompt's greedy path diverged (0 when none did).
+        "max_divergence_margin": max((p["divergence_margin"] or 0.0 for p in prompts), default=0.0),
         "ppl_ratio": text["ppl_export"] / text["ppl_reference"],
     }
 
@@ -337,6 +347,13 @@ def _export_logits_cached(
 # --- latency -------------------------------------------------------------------------------------
 
 
+def _latency_note(latency: dict[str, Any]) -> str:
+    providers = latency.get("providers", [])
+    if "Interpreter" in providers:
+        return " on the NumPy reference interpreter: not Core ML's speed"
+    return f" on {', '.join(providers)}" if providers else ""
+
+
 class _Timings:
     """Wall time of the export's ONNX calls during validation: the prompt prefills and the cached decode steps.
     Medians, so one slow call (a page fault, another process) does not move the result."""
@@ -362,7 +379,7 @@ class _Timings:
             "decode_ms_per_token": round(decode_ms, 3),
             "decode_tokens_per_s": round(1e3 / decode_ms, 1) if self.decodes else 0.0,
             "decode_steps": len(self.decodes),
-            "providers": list(session.get_providers()) if session is not None else [],
+            "providers": list(session.get_providers() if session is not None else getattr(decoder, "providers", [])),
         }
 
 

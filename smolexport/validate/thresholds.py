@@ -29,12 +29,14 @@ METRIC_KINDS = {
     "top1_agreement": "min",
     "ppl_ratio": "max",
     "greedy_identical_fraction": "min",
+    "max_divergence_margin": "max",
 }
 
 DEFAULT_BOUNDS: dict[str, dict[str, float]] = {
     "fp32": {"max_abs_logit_diff": 1e-3, "greedy_identical_fraction": 1.0, "top1_agreement": 1.0, "ppl_ratio": 1.001},
-    # measured: KL 8.7e-6, top-1 1.000, ppl ratio 0.999
-    "fp16": {"mean_kl": 1e-3, "top1_agreement": 0.97, "ppl_ratio": 1.01},
+    # measured: KL 8.7e-6, top-1 1.000, ppl ratio 0.999. fp16 logits differ by up to ~0.15 from fp32, so a
+    # greedy path may leave the reference at a near tie, never where the reference's margin is 0.5 or more.
+    "fp16": {"mean_kl": 1e-3, "top1_agreement": 0.97, "ppl_ratio": 1.01, "max_divergence_margin": 0.5},
     # measured: KL 1.2e-3, top-1 0.989, ppl ratio 0.995
     "int8": {"mean_kl": 0.01, "top1_agreement": 0.95, "ppl_ratio": 1.02},
     # measured (plain round-to-nearest, block 32): KL 0.41, top-1 0.637, ppl ratio 1.34. These bounds catch a

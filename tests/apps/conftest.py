@@ -48,8 +48,8 @@ class SlowDecoder:
         self.calls = 0
         self._lock = threading.Lock()
 
-    def empty_cache(self, batch: int = 1):
-        return self.inner.empty_cache(batch)
+    def empty_cache(self, batch: int = 1, capacity: int | None = None):
+        return self.inner.empty_cache(batch, capacity=capacity)
 
     def forward(self, *args, **kwargs):
         with self._lock:

@@ -8,7 +8,7 @@ import torch
 
 ct = pytest.importorskip("coremltools")
 
-from smolexport_runtime.coreml import causal_mask  # noqa: E402
+from smolexport_runtime.coreml import causal_mask, load_coreml  # noqa: E402
 
 from smolexport.coreml.export import CoreMLExportOptions, export_coreml  # noqa: E402
 from smolexport.coreml.interpreter import Interpreter  # noqa: E402
@@ -18,8 +18,9 @@ from smolexport.coreml.interpreter import Interpreter  # noqa: E402
 def exports(tiny_models, tmp_path_factory):
     folder, model = tiny_models["gqa_tied"]
     root = tmp_path_factory.mktemp("coreml")
-    for quant in ("fp16", "int4"):
+    for quant in ("fp16", "int4", "int8"):
         export_coreml(str(folder), root / quant, CoreMLExportOptions(quant=quant, context_length=64))
+    export_coreml(str(folder), root / "all", CoreMLExportOptions(quant="fp16", context_length=64, all_logits=True))
     return root, model
 
 
@@ -55,3 +56,33 @@ def test_interpreter_with_states_matches_pytorch(exports):
     assert (got.argmax(-1) == expected.argmax(-1)).all()
     int4 = run_cached(root / "int4" / "model.mlpackage", ids)
     assert np.abs(int4 - expected).max() < 2.0 and np.abs(int4 - got).max() > 1e-3  # compressed, still close
+
+
+def test_int8_is_per_channel_and_close(exports):
+    root, model = exports
+    ids = [5, 9, 11, 40, 7, 13]
+    ops = Interpreter(root / "int8" / "model.mlpackage").ops
+    compressed = [op for op in ops if op.op_type == "constexpr_blockwise_shift_scale"]
+    assert len(compressed) == 1 + 7 * 2
+    assert all(op.inputs["scale"].shape[1] == 1 for op in compressed)  # one scale per output channel
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).logits[0, 2:].numpy()
+    got = run_cached(root / "int8" / "model.mlpackage", ids)
+    assert np.abs(got - expected).max() < 0.1
+
+
+def test_all_logits_export_returns_every_position(exports):
+    """--all-logits: a prefill returns one row per new token, and the runtime passes them through."""
+    root, model = exports
+    ids = [5, 9, 11, 40, 7]
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).logits[0].numpy()
+    runtime = load_coreml(root / "all", runner=Interpreter(root / "all" / "model.mlpackage"))
+    decoder = runtime.decoder
+    cache = decoder.empty_cache(1)
+    n = len(ids)
+    logits, cache = decoder.forward(np.array([ids]), np.ones((1, n), np.int64), np.arange(n)[None], cache)
+    assert logits.shape == (1, n, expected.shape[-1])
+    np.testing.assert_allclose(logits[0], expected, atol=0.05)
+    last, _ = decoder.forward(np.array([[3]]), np.ones((1, n + 1), np.int64), np.array([[n]]), cache, 1)
+    assert last.shape == (1, 1, expected.shape[-1])

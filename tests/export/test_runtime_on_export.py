@@ -29,3 +29,27 @@ def test_runtime_greedy_generation_matches_transformers(tiny_models, tmp_path, w
     expected_text_ids = [t for t in expected if t != 2]
     assert ids == expected_text_ids[: len(ids)] and len(ids) == len(expected_text_ids)
     assert runtime.last_stats.completion_tokens == len(expected)
+
+
+def test_preallocated_cache_matches_grown_cache(tiny_models, tmp_path):
+    """The fused graph's shared past/present buffers (written in place) give the same logits as a cache that
+    grows by concatenation, also when the prompt is prefilled in chunks; overflowing the buffer is an error."""
+    import numpy as np
+    from smolexport_runtime.errors import SmolexportRuntimeError
+    from smolexport_runtime.generate import decode_one_token, prefill
+    from smolexport_runtime.session import KVBuffers
+
+    folder, _ = tiny_models["gqa_tied"]
+    export_onnx(str(folder), tmp_path / "e", OnnxExportOptions(quant="fp32"))
+    decoder = load(tmp_path / "e").decoder
+    ids = [5, 9, 11, 40, 7, 13, 21, 8, 30]
+    grown_logits, grown, n = prefill(decoder, ids, chunk_size=4)
+    shared_logits, shared, _ = prefill(decoder, ids, chunk_size=4, capacity=len(ids) + 3)
+    assert isinstance(shared, KVBuffers) and not isinstance(grown, KVBuffers)
+    np.testing.assert_allclose(shared_logits, grown_logits, atol=1e-5)
+    for step, token in enumerate([3, 17, 25]):
+        grown_logits, grown, _ = decode_one_token(decoder, token, grown, n + step)
+        shared_logits, shared, _ = decode_one_token(decoder, token, shared, n + step)
+        np.testing.assert_allclose(shared_logits, grown_logits, atol=1e-5)
+    with pytest.raises(SmolexportRuntimeError, match="allocated for 12 tokens"):
+        decode_one_token(decoder, 4, shared, n + 3)

@@ -66,7 +66,7 @@ class StubDecoder:
         self.num_layers = num_layers
         self.calls: list[tuple[int, int]] = []  # (past length, new tokens) per forward
 
-    def empty_cache(self, batch: int = 1) -> list[np.ndarray]:
+    def empty_cache(self, batch: int = 1, capacity: int | None = None) -> list[np.ndarray]:
         return [np.zeros((batch, 1, 0, 2), np.float32) for _ in range(2 * self.num_layers)]
 
     def forward(self, input_ids, attention_mask, position_ids, past, logits_to_keep=0):

@@ -28,6 +28,7 @@ from .model import Model
 from .tokenizer import eos_token_ids, load_tokenizer, read_json
 
 FORMAT = "smolexport-coreml"
+FORMAT_VERSION = 1
 
 
 class Runner(Protocol):
@@ -50,6 +51,10 @@ class CoreMLRunner:
             raise SmolexportRuntimeError(
                 "running Core ML exports needs coremltools: pip install coremltools"
             ) from None
+        if not hasattr(ct.ComputeUnit, compute_units):
+            raise SmolexportRuntimeError(
+                f"unknown compute_units {compute_units!r}: use ALL, CPU_AND_GPU, CPU_AND_NE or CPU_ONLY"
+            )
         self.model = ct.models.MLModel(str(package), compute_units=getattr(ct.ComputeUnit, compute_units))
 
     def new_state(self):
@@ -71,11 +76,13 @@ class CoreMLDecoder:
     """The runtime's decoder contract over a stateful Core ML program. The 'cache' is [handle]: the program's
     state (updated in place) and how many tokens it holds."""
 
-    def __init__(self, runner: Runner):
+    def __init__(self, runner: Runner, vocab_size: int, all_logits: bool = False):
         self.runner = runner
         self.providers = [type(runner).__name__]
+        self.vocab_size = vocab_size
+        self.all_logits = all_logits  # exported with --all-logits: [1, S, vocab] instead of [1, 1, vocab]
 
-    def empty_cache(self, batch: int = 1) -> list[dict]:
+    def empty_cache(self, batch: int = 1, capacity: int | None = None) -> list[dict]:
         if batch != 1:
             raise SmolexportRuntimeError("Core ML exports generate one sequence at a time (batch 1)")
         return [{"state": self.runner.new_state(), "length": 0}]
@@ -85,7 +92,7 @@ class CoreMLDecoder:
         inputs = {"input_ids": ids.astype(np.int32), "causal_mask": causal_mask(ids.shape[1], total)}
         out = self.runner.predict(inputs, handle["state"])
         handle["length"] = total
-        return np.asarray(out["logits"], dtype=np.float32).reshape(1, 1, -1)
+        return np.asarray(out["logits"], dtype=np.float32).reshape(1, -1, self.vocab_size)
 
     def forward(self, input_ids, attention_mask, position_ids, past: Sequence[dict], logits_to_keep: int = 0):
         handle = past[0]
@@ -94,13 +101,19 @@ class CoreMLDecoder:
                 "attention_mask does not match the cached length (Core ML: no padding)"
             )
         if logits_to_keep == 1 or input_ids.shape[1] == 1:
+            return self._run(input_ids, handle)[:, -1:], [handle]
+        if self.all_logits:
             return self._run(input_ids, handle), [handle]
         # The program returns the last position only: all positions means one token at a time.
         rows = [self._run(input_ids[:, i : i + 1], handle) for i in range(input_ids.shape[1])]
         return np.concatenate(rows, axis=1), [handle]
 
 
-def load_coreml(path: str | Path, runner: Runner | None = None, verify: bool = True) -> Model:
+def load_coreml(
+    path: str | Path, runner: Runner | None = None, verify: bool = True, compute_units: str = "ALL"
+) -> Model:
+    """An export folder as a Model. `compute_units`: ALL, CPU_AND_GPU, CPU_AND_NE or CPU_ONLY (Core ML's
+    choice of hardware); `runner` replaces Core ML, e.g. with smolexport's reference interpreter."""
     folder = Path(path)
     manifest_path = folder / MANIFEST_NAME
     if not manifest_path.is_file():
@@ -110,9 +123,18 @@ def load_coreml(path: str | Path, runner: Runner | None = None, verify: bool = T
     raw = json.loads(manifest_path.read_text())
     if raw.get("format") != FORMAT:
         raise SmolexportRuntimeError(f"{folder} holds format {raw.get('format')!r}, not {FORMAT!r}")
+    if raw.get("format_version", 0) > FORMAT_VERSION:
+        raise SmolexportRuntimeError(
+            f"{folder} was written by a newer smolexport (format version {raw['format_version']}); "
+            "upgrade smolexport-runtime"
+        )
     if verify:
         verify_files(folder, raw["files"])
-    decoder = CoreMLDecoder(runner or CoreMLRunner(folder / raw["package"]))
+    spec = raw["model"]
+    all_logits = raw.get("io", {}).get("logits_positions", "last") == "all"
+    decoder = CoreMLDecoder(
+        runner or CoreMLRunner(folder / raw["package"], compute_units), spec["vocab_size"], all_logits
+    )
     tokenizer = load_tokenizer(folder)
     tokenizer_config = read_json(folder / "tokenizer_config.json")
     model = Model(

@@ -28,7 +28,7 @@ FinishReason = Literal["stop", "length"]
 
 
 class Decoder(Protocol):
-    def empty_cache(self, batch: int = 1) -> list[np.ndarray]: ...
+    def empty_cache(self, batch: int = 1, capacity: int | None = None) -> list[np.ndarray]: ...
 
     def forward(
         self,
@@ -61,12 +61,13 @@ def position_ids_from_mask(attention_mask: np.ndarray, seq_len: int) -> np.ndarr
 
 
 def prefill(
-    decoder: Decoder, ids: Sequence[int], chunk_size: int = PREFILL_CHUNK
+    decoder: Decoder, ids: Sequence[int], chunk_size: int = PREFILL_CHUNK, capacity: int | None = None
 ) -> tuple[np.ndarray, list[np.ndarray], int]:
-    """Runs the prompt through the model: returns the last position's logits, the cache, and its length."""
+    """Runs the prompt through the model: returns the last position's logits, the cache, and its length.
+    `capacity` (prompt + tokens to come) lets the decoder allocate its cache once for the whole sequence."""
     if len(ids) == 0:
         raise ValueError("the prompt is empty: at least one token is needed to start generation")
-    cache = decoder.empty_cache(1)
+    cache = decoder.empty_cache(1, capacity=capacity)
     length = 0
     for start in range(0, len(ids), chunk_size):
         chunk = np.asarray([ids[start : start + chunk_size]], dtype=np.int64)
@@ -96,7 +97,7 @@ def generate_tokens(
     so stopping on eos costs no wasted step."""
     if max_new_tokens <= 0:
         return
-    logits, cache, length = prefill(decoder, prompt_ids)
+    logits, cache, length = prefill(decoder, prompt_ids, capacity=len(prompt_ids) + max_new_tokens)
     for i in range(max_new_tokens):
         token = sampler(logits)
         yield token

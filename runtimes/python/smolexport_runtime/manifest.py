@@ -65,6 +65,7 @@ class Manifest:
     source: dict[str, Any] = field(default_factory=dict)
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     tools: dict[str, Any] = field(default_factory=dict)
+    graph: dict[str, Any] = field(default_factory=dict)
 
 
 def sha256_file(path: Path) -> str:
@@ -147,6 +148,7 @@ def parse_manifest(raw: Any, folder: Path) -> Manifest:
         source=dict(raw.get("source") or {}),
         files=files,
         tools=dict(raw.get("tools") or {}),
+        graph=dict(raw.get("graph") or {}),
     )
 
 

@@ -62,6 +62,14 @@ def resolve_providers(requested: str | Sequence[str], available: Sequence[str]) 
     return resolved
 
 
+class KVBuffers(list):
+    """Preallocated cache buffers [batch, kv_heads, capacity, head_dim] (OrtValues), reused by every step."""
+
+    def __init__(self, values, capacity: int):
+        super().__init__(values)
+        self.capacity = capacity
+
+
 def session_options(threads: int | None) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -115,6 +123,8 @@ class OnnxDecoder:
             )
         self.providers = active
         self._check_graph(manifest.kv_dtype)
+        # GroupQueryAttention can read and write one preallocated cache buffer (see empty_cache).
+        self.shares_buffer = manifest.graph.get("ops") == "fused"
         self.keeps_logits = any(i.name == "logits_to_keep" for i in self.session.get_inputs())
         # Presents stay on the device that computed them; the next step reads them there.
         self.cache_device = "cuda" if active[0] == CUDA else "cpu"
@@ -145,8 +155,22 @@ class OnnxDecoder:
                 "Re-export it."
             )
 
-    def empty_cache(self, batch: int = 1) -> list[np.ndarray]:
-        """A cache holding no tokens (past_seq = 0), as the first call of a sequence expects."""
+    def empty_cache(self, batch: int = 1, capacity: int | None = None) -> list[np.ndarray] | KVBuffers:
+        """A cache holding no tokens, as the first call of a sequence expects.
+
+        With `capacity` (prompt + tokens to generate) and a GroupQueryAttention graph, the cache is one buffer
+        per key/value of that length, allocated once: each step passes it as both past and present, and
+        GroupQueryAttention writes only the new positions in place (ONNX Runtime's shared past/present
+        buffer). Otherwise it is an empty cache that each step returns grown by a copy.
+        """
+        if capacity is not None and self.shares_buffer and batch == 1:
+            shape = [batch, self.num_kv_heads, capacity, self.head_dim]
+            # Uninitialized: pages are touched only as positions get written, so RSS grows with the text.
+            return KVBuffers(
+                [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, self.cache_device)
+                 for _ in self.past_names],
+                capacity,
+            )  # fmt: skip
         shape = (batch, self.num_kv_heads, 0, self.head_dim)
         return [np.zeros(shape, dtype=self.kv_dtype) for _ in self.past_names]
 
@@ -175,8 +199,17 @@ class OnnxDecoder:
             else:
                 binding.bind_ortvalue_input(name, value)
         binding.bind_output("logits", "cpu")
-        for name in self.output_names[1:]:
-            binding.bind_output(name, self.cache_device)
+        shared = isinstance(past, KVBuffers)
+        if shared and attention_mask.shape[1] > past.capacity:
+            needed = attention_mask.shape[1]
+            raise SmolexportRuntimeError(
+                f"the cache was allocated for {past.capacity} tokens; this step needs {needed}"
+            )
+        for name, value in zip(self.output_names[1:], past, strict=True):
+            if shared:  # the same buffer as the input: written in place
+                binding.bind_ortvalue_output(name, value)
+            else:
+                binding.bind_output(name, self.cache_device)
         self.session.run_with_iobinding(binding)
-        logits, *present = binding.get_outputs()
-        return logits.numpy(), present
+        logits = binding.get_outputs()[0].numpy()
+        return logits, past if shared else binding.get_outputs()[1:]
