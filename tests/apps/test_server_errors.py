@@ -174,7 +174,7 @@ def test_server_still_serves_after_abuse(server):
     with socket.create_connection(server.server_address[:2]):
         pass  # connect and leave
     status, body, _ = request(server, "POST", CHAT, {"model": "tiny", "messages": USER, "max_tokens": 4})
-    assert status == 200 and body["usage"]["completion_tokens"] == 4
+    assert status == 200 and 1 <= body["usage"]["completion_tokens"] <= 4  # eos may come first
 
 
 def test_keep_alive_connection_survives_an_error(server):
@@ -301,7 +301,7 @@ def test_connections_with_high_descriptors_are_served(server):
             os.close(fd)
         if soft < 1200:
             resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    assert status == 200 and body["usage"]["completion_tokens"] == 4
+    assert status == 200 and 1 <= body["usage"]["completion_tokens"] <= 4  # eos may come first
 
 
 @pytest.mark.parametrize("stream", [True, False])

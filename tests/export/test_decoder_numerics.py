@@ -59,7 +59,8 @@ def quantized_copy(model, bits: int, block: int, lm_head_bits: int | None = None
 def test_prefill_and_cached_decode_match_pytorch(tiny_models, tmp_path, which, quant, graph):
     folder, model = tiny_models[which]
     out = tmp_path / "export"
-    options = OnnxExportOptions(quant=quant, block_size=32, fused=graph == "fused")
+    # accuracy_level 0: the kernels compute with exactly the dequantized weights (4 is checked below)
+    options = OnnxExportOptions(quant=quant, block_size=32, fused=graph == "fused", accuracy_level=0)
     manifest = export_onnx(str(folder), out, options)
     reference = model if quant in ("fp32", "fp16") else quantized_copy(model, {"int8": 8, "int4": 4}[quant], 32)
     tolerance = {"fp32": 1e-4, "fp16": 5e-2, "int8": 1e-3, "int4": 1e-3}[quant]
@@ -126,7 +127,7 @@ def test_tied_weight_is_stored_once(tiny_models, tmp_path):
 
 def test_mse_algo_export_computes_with_its_own_grid(tiny_models, tmp_path):
     folder, model = tiny_models["gqa_tied"]
-    export_onnx(str(folder), tmp_path / "e", OnnxExportOptions(quant="int4", algo="mse"))
+    export_onnx(str(folder), tmp_path / "e", OnnxExportOptions(quant="int4", algo="mse", accuracy_level=0))
     manifest = json.loads((tmp_path / "e" / "smolexport.json").read_text())
     assert manifest["quant"]["algo"] == "mse"
     ids, mask, positions = prompt_batch(model.config.vocab_size, padded=False)
@@ -134,3 +135,19 @@ def test_mse_algo_export_computes_with_its_own_grid(tiny_models, tmp_path):
                                               **empty_cache(manifest, 2)})  # fmt: skip
     expected = torch_logits(quantized_copy(model, 4, 32, algo="mse"), ids, mask, positions)
     np.testing.assert_allclose(out["logits"], expected, atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_accuracy_level_4_stays_close_to_exact_weights(tiny_models, tmp_path, quant):
+    """The default accuracy_level 4 quantizes activations to int8 inside MatMulNBits: close to, not equal to,
+    the exact computation with the dequantized weights."""
+    folder, model = tiny_models["gqa_tied"]
+    manifest = export_onnx(str(folder), tmp_path / "e", OnnxExportOptions(quant=quant))
+    assert manifest["quant"]["accuracy_level"] == 4
+    ids, mask, positions = prompt_batch(model.config.vocab_size, padded=False)
+    out = run_onnx(tmp_path / "e", manifest, {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
+                                              **empty_cache(manifest, 2)})  # fmt: skip
+    expected = torch_logits(quantized_copy(model, {"int8": 8, "int4": 4}[quant], 32), ids, mask, positions)
+    diff = np.abs(out["logits"] - expected)
+    assert 1e-4 < diff.max() < 0.05 * np.abs(expected).max()  # int8 activations: not exact, but close
+    assert (out["logits"].argmax(-1) == expected.argmax(-1)).mean() >= 0.9
