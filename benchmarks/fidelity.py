@@ -50,12 +50,14 @@ OPTIMUM = WORK / "venv-optimum" / "bin"
 WORKER = BENCH / "peers" / "worker.py"
 FOLDERS = {"orig": WORK / "smollm2-135m-instruct", "degrid": WORK / "smollm2-135m-instruct-degrid"}
 
+# Defaults apply unless named: MatMulNBits accuracy level 4 (int8 activations), block 32.
 OURS = {
     "smolexport int8": ["--quant", "int8"],
     "smolexport int4 rtn": ["--quant", "int4", "--algo", "rtn"],
-    "smolexport int4 mse": ["--quant", "int4", "--algo", "mse"],
     "smolexport int4 act-mse": ["--quant", "int4", "--algo", "act-mse"],
-    "smolexport int4 act-mse, lm_head 8-bit": ["--quant", "int4", "--algo", "act-mse", "--lm-head-bits", "8"],
+    "smolexport int4 awq": ["--quant", "int4", "--algo", "awq"],
+    "smolexport int4 --preset quality": ["--preset", "quality"],
+    "smolexport int4 --preset quality --accuracy-level 0": ["--preset", "quality", "--accuracy-level", "0"],
 }
 GGUF_TYPES = ["Q8_0", "Q4_K_M", "Q4_0"]
 

@@ -77,7 +77,8 @@ def main():
     type=click.Choice(list(ALGOS)),
     default=None,
     help="int4/int8 rounding: round-to-nearest (rtn, the default); a per-block clipping search (mse); that search "
-    "weighted by calibration activations (act-mse); or GPTQ error compensation on calibration inputs (gptq).",
+    "weighted by calibration activations (act-mse); act-mse after activation-aware channel scaling folded into the "
+    "norms (awq); or GPTQ error compensation on calibration inputs (gptq).",
 )
 @click.option(
     "--int8-layers",

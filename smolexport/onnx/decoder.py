@@ -45,7 +45,7 @@ class DecoderOptions:
 
     @property
     def calibrated(self) -> bool:
-        return self.weight_bits is not None and self.algo in ("act-mse", "gptq")
+        return self.weight_bits is not None and self.algo in ("act-mse", "gptq", "awq")
 
 
 def kv_names(i: int) -> dict[str, str]:
@@ -117,6 +117,14 @@ class DecoderBuilder:
         bias = None if biases[0] is None else np.concatenate(biases)
         return self.linear(x, name, np.concatenate([weight for _, weight, _ in parts]), bias, bits, calib)
 
+    def awq_scale(self, attn: dict, mlp: dict, input_norm, post_norm, inputs: dict):
+        """Folds activation-aware channel scales into this layer's float weights (see awq.py)."""
+        from .awq import scale_layer
+
+        c = self.c
+        return scale_layer(attn, mlp, input_norm, post_norm, inputs, c.num_attention_heads, c.num_key_value_heads,
+                           self.o.weight_bits, self.o.block_size)  # fmt: skip
+
     def _quantized(self, name: str, weight: np.ndarray, bits: int, block_size: int, calib=None) -> list[str]:
         qw = self._quantize(weight, bits, block_size, calib)
         return [
@@ -130,7 +138,8 @@ class DecoderBuilder:
         if self.o.algo == "gptq" and calib is not None:
             return gptq_quantize(weight, calib.hessian(), bits, block_size, self.np_dtype)
         algo = "rtn" if self.o.algo == "rtn" else "mse"  # act-mse is mse weighted by calibration activations
-        importance = calib.power if self.o.algo == "act-mse" and calib is not None else None
+        # awq: the act-mse search on weights already rescaled by awq.scale_layer
+        importance = calib.power if self.o.algo in ("act-mse", "awq") and calib is not None else None
         return quantize_blockwise(weight, bits, block_size, self.np_dtype, algo=algo, importance=importance)
 
     # --- building blocks -------------------------------------------------------------------------
@@ -399,6 +408,8 @@ def _standard_layers(b: DecoderBuilder, x: str, cos_table, sin_table, get_weight
     for i in range(b.c.num_hidden_layers):
         attn, mlp, input_norm, post_attn_norm = _layer_weights(get_weight, i)
         power = calibration.layer(attn, mlp, input_norm, post_attn_norm) if calibration else {}
+        if b.o.algo == "awq" and calibration:
+            input_norm, post_attn_norm = b.awq_scale(attn, mlp, input_norm, post_attn_norm, power)
         h = b.rms_norm(x, input_norm, f"layers.{i}.input_norm")
         x = g.node("Add", [x, b.attention(i, h, attn, cos, sin, mask_bias, power)], f"layers.{i}.attn_residual")
         h = b.rms_norm(x, post_attn_norm, f"layers.{i}.post_attn_norm")
@@ -417,6 +428,8 @@ def _fused_layers(b: DecoderBuilder, x: str, cos_table, sin_table, get_weight, o
     for i in range(b.c.num_hidden_layers):
         attn, mlp, input_norm, post_attn_norm = _layer_weights(get_weight, i)
         power = calibration.layer(attn, mlp, input_norm, post_attn_norm) if calibration else {}
+        if b.o.algo == "awq" and calibration:
+            input_norm, post_attn_norm = b.awq_scale(attn, mlp, input_norm, post_attn_norm, power)
         h, residual = fused.add_and_norm(pending, residual, input_norm, f"layers.{i}.input_norm")
         pending = fused.attention(i, h, attn, power)
         h, residual = fused.add_and_norm(pending, residual, post_attn_norm, f"layers.{i}.post_attn_norm")

@@ -23,7 +23,7 @@ from .mixed import parse_patterns
 from .presets import preset
 
 QUANT_MODES = ("int4", "int8", "fp16", "fp32")
-ALGOS = ("rtn", "mse", "act-mse", "gptq")
+ALGOS = ("rtn", "mse", "act-mse", "awq", "gptq")
 MODEL_FILE = "model.onnx"
 
 

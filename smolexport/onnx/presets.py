@@ -8,10 +8,10 @@ from __future__ import annotations
 from ..errors import UsageError
 
 PRESETS: dict[str, dict] = {
-    # int4 with the activation-weighted clipping search; kept at 8 bits: the embedding/lm_head and v_proj, the
-    # matrices whose int4 error costs most (benchmarks/sensitivity.py; v_proj per parameter by far).
-    # SmolLM2-135M-Instruct: 1.14x plain int4's size.
-    "quality": {"quant": "int4", "algo": "act-mse", "int8_layers": "embed_tokens,lm_head,*.v_proj"},
+    # int4 with activation-aware channel scaling and the activation-weighted clipping search (algo awq); kept
+    # at 8 bits: the embedding/lm_head and v_proj, the matrices whose int4 error costs most
+    # (benchmarks/sensitivity.py; v_proj per parameter by far). SmolLM2-135M-Instruct: 1.14x plain int4's size.
+    "quality": {"quant": "int4", "algo": "awq", "int8_layers": "embed_tokens,lm_head,*.v_proj"},
 }
 
 

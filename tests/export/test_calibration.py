@@ -40,3 +40,39 @@ def test_act_mse_export_records_its_calibration(tiny_models, tmp_path):
     export_onnx(str(folder), tmp_path / "e", OnnxExportOptions(quant="int4", algo="act-mse", calibration_file=text))
     quant = json.loads((tmp_path / "e" / "smolexport.json").read_text())["quant"]
     assert quant["algo"] == "act-mse" and quant["calibration"]["text"] == str(text)
+
+
+def test_awq_scaling_keeps_the_float_layer_and_lowers_its_int4_error(tiny_models):
+    """awq.scale_layer only moves scale between norms/producers and the quantized matrices: each layer's float
+    output is unchanged (GQA: the o_proj scale is shared by the heads of a KV head), and the calibration
+    inputs it hands on are the scaled layer's real inputs."""
+    from smolexport.onnx.awq import scale_layer
+
+    _, model = tiny_models["gqa_tied"]
+    c = LlamaConfig.from_dict(model.config.to_dict())
+    state = {k: v.float().numpy() for k, v in model.state_dict().items()}
+    ids = list(np.random.default_rng(1).integers(3, c.vocab_size, 64))
+    plain = Calibration(c, state["model.embed_tokens.weight"], ids)
+    scaled = Calibration(c, state["model.embed_tokens.weight"], ids)
+    rescaled = 0
+    for i in range(c.num_hidden_layers):
+        attn, mlp, input_norm, post_norm = _layer_weights(state.get, i)
+        inputs = plain.layer(attn, mlp, input_norm, post_norm)
+        before = (input_norm, post_norm, attn["v"])
+        input_norm, post_norm = scale_layer(attn, mlp, input_norm, post_norm, inputs, c.num_attention_heads,
+                                            c.num_key_value_heads, 4, 32)  # fmt: skip
+        after = (input_norm, post_norm, attn["v"])
+        rescaled += sum(not np.array_equal(a, b) for a, b in zip(before, after, strict=True))
+        scaled_inputs = scaled.layer(attn, mlp, input_norm, post_norm)
+        np.testing.assert_allclose(scaled.hidden, plain.hidden, atol=1e-4, rtol=1e-4)
+        for role in ("qkv", "o", "gate_up", "down"):
+            np.testing.assert_allclose(inputs[role].x, scaled_inputs[role].x, atol=1e-4, rtol=1e-3)
+    assert rescaled > 0  # the search did pick scales somewhere, so the checks above tested a real folding
+
+
+def test_awq_export_runs_and_records_its_algo(tiny_models, tmp_path):
+    folder, _ = tiny_models["mha_untied"]
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(f"w{i % 300 + 3}" for i in range(200)))
+    export_onnx(str(folder), tmp_path / "e", OnnxExportOptions(quant="int4", algo="awq", calibration_file=text))
+    assert json.loads((tmp_path / "e" / "smolexport.json").read_text())["quant"]["algo"] == "awq"

@@ -44,9 +44,10 @@ def prompt_of_length(model, tokens: int) -> list[int]:
     return ids[:tokens]
 
 
-def timed_first_token(decoder, ids: list[int]):
+def timed_first_token(decoder, ids: list[int], capacity: int):
+    """Prefill as `generate` does it: the cache is allocated for `capacity` tokens (prompt + answer)."""
     start = time.perf_counter()
-    logits, cache, length = prefill(decoder, ids)
+    logits, cache, length = prefill(decoder, ids, capacity=capacity)
     token = int(np.argmax(logits))
     return time.perf_counter() - start, token, cache, length
 
@@ -59,25 +60,26 @@ def run(export_dir: Path, threads: int, runs: int, decode_tokens: int, long_toke
     limit = model.context_length or long_tokens + 1
     long_ids = prompt_of_length(model, min(long_tokens, limit - 1))  # a model with a short context gets less
     decode_tokens = max(1, min(decode_tokens, limit - len(chat_ids) - 1))
-    _, token, cache, length = timed_first_token(decoder, chat_ids)  # warm-up
+    chat_capacity = len(chat_ids) + decode_tokens + 1
+    _, token, cache, length = timed_first_token(decoder, chat_ids, chat_capacity)  # warm-up
     for _ in range(8):
         logits, cache, length = decode_one_token(decoder, token, cache, length)
-    timed_first_token(decoder, long_ids)
+    timed_first_token(decoder, long_ids, len(long_ids) + 1)
 
     chat, decode, long = [], [], []
     for _ in range(runs):
-        seconds, token, cache, length = timed_first_token(decoder, chat_ids)
+        seconds, token, cache, length = timed_first_token(decoder, chat_ids, chat_capacity)
         chat.append(seconds)
         start = time.perf_counter()
         for _ in range(decode_tokens):
             logits, cache, length = decode_one_token(decoder, token, cache, length)
             token = int(np.argmax(logits))
         decode.append(decode_tokens / (time.perf_counter() - start))
-        long.append(timed_first_token(decoder, long_ids)[0])
+        long.append(timed_first_token(decoder, long_ids, len(long_ids) + 1)[0])
 
     # Memory with a full context: prefill context - 16 tokens, decode 16 more.
     context = min(context, limit)
-    _, token, cache, length = timed_first_token(decoder, prompt_of_length(model, context - 16))
+    _, token, cache, length = timed_first_token(decoder, prompt_of_length(model, context - 16), context)
     for _ in range(16):
         logits, cache, length = decode_one_token(decoder, token, cache, length)
         token = int(np.argmax(logits))
