@@ -74,15 +74,16 @@ def slug(name: str) -> str:
 # --- building every variant -------------------------------------------------------------------------------
 
 
-def build(weights: str) -> list[dict]:
-    """Builds (when missing) every variant of one weight set; returns [{name, kind, path, backend}]."""
+def build(weights: str, rebuild: str | None = None) -> list[dict]:
+    """Builds (when missing, or when its name contains `rebuild`) every variant of one weight set; returns
+    [{name, kind, path, backend}]."""
     folder = FOLDERS[weights]
     out = WORK / "fidelity" / weights
     out.mkdir(parents=True, exist_ok=True)
     variants = []
     for name, flags in OURS.items():
         path = out / slug(name)
-        if not (path / "smolexport.json").exists():
+        if not (path / "smolexport.json").exists() or (rebuild and rebuild in name):
             run([VENV / "smolexport", "onnx", "--model", folder, *flags, "--output", path, "--force", "-q"])
         variants.append({"name": name, "kind": "ours", "path": path})
     for precision in ["int4", "int8"]:
@@ -165,7 +166,9 @@ def peer_metrics(ref: dict, logits_file: Path) -> dict:
         rows = data[f"seq{i}"][len(p["ids"]) - 1 : -1]
         c = compare_logits(p["logits"], rows, np.array(p["continuation"]))
         comparisons.append(c)
-        prompt_results.append({"greedy_identical": c.greedy_match == len(p["continuation"])})
+        prompt_results.append(
+            {"greedy_identical": c.greedy_match == len(p["continuation"]), "divergence_margin": c.divergence_margin}
+        )
     text_rows = data[f"seq{len(ref['prompts'])}"][:-1]
     t = compare_logits(ref["text"]["logits"], text_rows, np.array(ref["text"]["ids"][1:]))
     text = {"ppl_reference": float(np.exp(t.nll_reference)), "ppl_export": float(np.exp(t.nll_export))}
@@ -186,7 +189,9 @@ def ours_metrics(ref: dict, export_dir: Path) -> dict:
         rows = _export_logits_cached(decoder, p["ids"], p["continuation"])
         c = compare_logits(p["logits"], rows, np.array(p["continuation"]))
         comparisons.append(c)
-        prompt_results.append({"greedy_identical": c.greedy_match == len(p["continuation"])})
+        prompt_results.append(
+            {"greedy_identical": c.greedy_match == len(p["continuation"]), "divergence_margin": c.divergence_margin}
+        )
     rows = _export_logits_uncached(decoder, ref["text"]["ids"])[:-1]
     t = compare_logits(ref["text"]["logits"], rows, np.array(ref["text"]["ids"][1:]))
     text = {"ppl_reference": float(np.exp(t.nll_reference)), "ppl_export": float(np.exp(t.nll_export))}
@@ -240,14 +245,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights", nargs="+", choices=list(FOLDERS), default=list(FOLDERS))
     parser.add_argument("--output", type=Path, default=BENCH / "results")
+    parser.add_argument(
+        "--only", default=None,
+        help="rebuild and measure only the variants whose name contains this; keep the other rows of the JSON",
+    )  # fmt: skip
     args = parser.parse_args()
     args.output.mkdir(parents=True, exist_ok=True)
+    results = args.output / "fidelity-135m.json"
+    kept = json.loads(results.read_text()) if args.only and results.exists() else []
     rows = []
     for weights in args.weights:
-        variants = build(weights)
+        variants = build(weights, args.only)
+        if args.only:
+            variants = [v for v in variants if args.only in v["name"]]
         params = parameter_count(FOLDERS[weights])
         rows += measure(weights, variants, params)
-        (args.output / "fidelity-135m.json").write_text(json.dumps(rows, indent=2) + "\n")
+        new = {(r["weights"], r["variant"]) for r in rows}
+        merged = [r for r in kept if (r["weights"], r["variant"]) not in new] + rows
+        order = {r["variant"]: i for i, r in enumerate(kept + rows)}
+        merged.sort(key=lambda r: (r["weights"] != "orig", order.get(r["variant"], 0)))
+        results.write_text(json.dumps(merged, indent=2) + "\n")
+    rows = merged
     stamp = (
         f"{datetime.date.today()}, {platform.node() or 'host'}, `{' '.join(['benchmarks/fidelity.py', *sys.argv[1:]])}`"
     )

@@ -41,12 +41,10 @@ RANDOM17 = WORK / "smollm2-1.7b-random"
 
 def variants_135m() -> list[dict]:
     return [
+        # built by benchmarks/fidelity.py, at the default MatMulNBits accuracy level 4
         {"name": "smolexport int4 (rtn)", "kind": "ours", "path": ORIG / "smolexport-int4-rtn"},
-        {"name": "smolexport int4 act-mse, lm_head 8-bit", "kind": "ours",
-         "path": ORIG / "smolexport-int4-act-mse-lm-head-8-bit"},
+        {"name": "smolexport int4 --preset quality", "kind": "ours", "path": ORIG / "smolexport-int4--preset-quality"},
         {"name": "smolexport int8", "kind": "ours", "path": ORIG / "smolexport-int8"},
-        {"name": "smolexport int4 (rtn) --accuracy-level 4", "kind": "ours", "path": ORIG / "smolexport-int4-rtn-acc4",
-         "flags": ["--quant", "int4", "--algo", "rtn", "--accuracy-level", "4"]},
         {"name": "onnxruntime-genai int4", "kind": "genai", "path": ORIG / "genai-int4"},
         {"name": "onnxruntime-genai int8", "kind": "genai", "path": ORIG / "genai-int8"},
         {"name": "llama.cpp Q4_0", "kind": "llamacpp", "path": ORIG / "llamacpp-q4_0.gguf"},

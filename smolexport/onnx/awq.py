@@ -28,7 +28,7 @@ MAX_TOKENS = 512  # calibration rows used to score a candidate (all of the defau
 
 def _output_error(x: np.ndarray, weight: np.ndarray, scales: np.ndarray, bits: int, block_size: int) -> float:
     """|| x W^T - (x / s) Q(W s)^T ||^2 for a candidate column scaling s."""
-    quantized = dequantize_blockwise(quantize_blockwise(weight * scales, bits, block_size)) / scales
+    quantized = dequantize_blockwise(quantize_blockwise(weight * scales, bits, block_size, np.float16)) / scales
     return float(np.square(x @ (quantized - weight).T).sum())
 
 

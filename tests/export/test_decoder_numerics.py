@@ -39,17 +39,22 @@ def torch_logits(model, ids, mask, positions):
 
 
 def quantized_copy(model, bits: int, block: int, lm_head_bits: int | None = None, algo: str = "rtn"):
-    """The torch model with every linear weight replaced by what the int kernels compute with."""
+    """The torch model with every linear weight replaced by what the int kernels compute with (fp16 scales, as
+    the exporter stores them)."""
     q = copy.deepcopy(model)
     with torch.no_grad():
         for name, module in q.named_modules():
             if isinstance(module, torch.nn.Linear):
                 b = (lm_head_bits or bits) if name == "lm_head" else bits
-                w = dequantize_blockwise(quantize_blockwise(module.weight.numpy(), b, block, algo=algo))
+                w = dequantize_blockwise(quantize_blockwise(module.weight.numpy(), b, block, np.float16, algo=algo))
                 module.weight.copy_(torch.from_numpy(w))
         if not q.config.tie_word_embeddings:  # untied embedding is quantized on its own
             emb = q.model.embed_tokens.weight
-            emb.copy_(torch.from_numpy(dequantize_blockwise(quantize_blockwise(emb.numpy(), bits, block, algo=algo))))
+            emb.copy_(
+                torch.from_numpy(
+                    dequantize_blockwise(quantize_blockwise(emb.numpy(), bits, block, np.float16, algo=algo))
+                )
+            )
     return q
 
 

@@ -74,12 +74,12 @@ def reference_model(model, calibration_ids, int8, embed_bits: int):
             for key, path in PATHS.items():
                 weight = state[f"model.layers.{i}.{path}.weight"]
                 bits, block = (8, 128 if weight.shape[1] % 128 == 0 else 64) if int8(i, key) else (4, 32)
-                deq = dequantize_blockwise(gptq_quantize(weight, inputs[ROLES[key]].hessian(), bits, block))
+                deq = dequantize_blockwise(gptq_quantize(weight, inputs[ROLES[key]].hessian(), bits, block, np.float16))
                 params[f"model.layers.{i}.{path}.weight"].copy_(torch.from_numpy(deq))
         block = 64 if embed_bits == 8 else 32  # hidden 64
         for name in ("model.embed_tokens.weight", "lm_head.weight"):  # no calibration input: plain mse search
             if name in params:
-                deq = dequantize_blockwise(quantize_blockwise(state[name], embed_bits, block, algo="mse"))
+                deq = dequantize_blockwise(quantize_blockwise(state[name], embed_bits, block, np.float16, algo="mse"))
                 params[name].copy_(torch.from_numpy(deq))
     return q
 
@@ -145,7 +145,7 @@ def test_quality_preset_fills_options_and_is_recorded(tiny_models, tmp_path):
     manifest = export_onnx(str(folder), tmp_path / "e", OnnxExportOptions(preset="quality", calibration_file=text))
     quant = json.loads((tmp_path / "e" / "smolexport.json").read_text())["quant"]
     assert quant == manifest["quant"]
-    assert quant["preset"] == "quality" and quant["mode"] == "int4" and quant["algo"] == "act-mse"
+    assert quant["preset"] == "quality" and quant["mode"] == "int4" and quant["algo"] == "awq"
     assert quant["int8_matrices"] == {"embed_tokens": 64, "layers.0.attn.v_proj": 64, "layers.1.attn.v_proj": 64}
     # an explicit option wins over the preset's
     manifest = export_onnx(
