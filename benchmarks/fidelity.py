@@ -262,7 +262,9 @@ def main() -> None:
         rows += measure(weights, variants, params)
         new = {(r["weights"], r["variant"]) for r in rows}
         merged = [r for r in kept if (r["weights"], r["variant"]) not in new] + rows
-        order = {r["variant"]: i for i, r in enumerate(kept + rows)}
+        order: dict[str, int] = {}
+        for i, r in enumerate(kept + rows):  # the earlier table's order; new variants at the end
+            order.setdefault(r["variant"], i)
         merged.sort(key=lambda r: (r["weights"] != "orig", order.get(r["variant"], 0)))
         results.write_text(json.dumps(merged, indent=2) + "\n")
     rows = merged
