@@ -48,6 +48,8 @@ def export_coreml(model: str, output: Path, options: CoreMLExportOptions, progre
     started = time.perf_counter()
     if options.quant not in QUANT_MODES:
         raise UsageError(f"unknown quant {options.quant!r} for Core ML: choose one of {', '.join(QUANT_MODES)}")
+    if options.algo not in ("rtn", "mse"):
+        raise UsageError(f"unknown algo {options.algo!r} for Core ML: choose rtn or mse")
     ct = import_coremltools()
     progress.step(f"loading {model}")
     source = open_source(model)

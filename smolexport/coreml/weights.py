@@ -24,7 +24,6 @@ class WeightCodec:
         if mode not in WEIGHT_MODES:
             raise ValueError(f"mode must be one of {WEIGHT_MODES}, got {mode!r}")
         self.mode, self.block_size, self.algo = mode, block_size, algo
-        self.compressed_bytes = 0
         import_coremltools()
         from coremltools.converters.mil import Builder
         from coremltools.converters.mil.mil import types
@@ -37,7 +36,6 @@ class WeightCodec:
         n, k = weight.shape
         if self.mode == "int4" and k % self.block_size == 0:
             q, scales, offsets = block_codes(weight, 4, self.block_size, np.float16, self.algo)
-            self.compressed_bytes += q.size // 2 + scales.nbytes + offsets.size // 2
             return mb.constexpr_blockwise_shift_scale(
                 data=q.reshape(n, k).astype(types.np_uint4_dtype), scale=scales,
                 offset=offsets.astype(types.np_uint4_dtype), name=_const_name(name),
@@ -46,9 +44,7 @@ class WeightCodec:
             scales = (np.abs(weight).max(axis=1, keepdims=True) / 127.0).astype(np.float16)
             safe = np.where(scales == 0, 1.0, scales.astype(np.float32))
             data = np.clip(np.round(weight / safe), -127, 127).astype(np.int8)
-            self.compressed_bytes += data.nbytes + scales.nbytes
             return mb.constexpr_blockwise_shift_scale(data=data, scale=scales, name=_const_name(name))
-        self.compressed_bytes += weight.size * 2
         return mb.const(val=weight.astype(np.float16), name=_const_name(name))
 
 
