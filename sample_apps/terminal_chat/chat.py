@@ -95,9 +95,9 @@ def chat(
             continue
         history.append({"role": "user", "content": text})
         messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + history
-        messages = fit_history(model, messages, reserve)
         answer = []
-        try:
+        try:  # fit_history renders the chat template, which may refuse (e.g. a model without one)
+            messages = fit_history(model, messages, reserve)
             pieces = model.stream(messages, **options)
         except SmolexportRuntimeError as exc:
             history.pop()

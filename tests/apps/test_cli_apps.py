@@ -145,3 +145,18 @@ def test_help(flag):
     for command in ("serve", "chat"):
         result = CliRunner().invoke(main, [command, flag])
         assert result.exit_code == 0 and "EXPORT_DIR" in result.output
+
+
+def test_chat_with_a_model_without_a_chat_template_reports_it(tiny_export, tmp_path):
+    """A model without a chat template: the question is answered with an error line, not a crash, and dropped."""
+    import io
+
+    from sample_apps.terminal_chat import chat as run_chat
+
+    from .test_desktop_chat import export_without_chat_template
+
+    model = export_without_chat_template(tiny_export, tmp_path / "no-template")
+    out = io.StringIO()
+    history = run_chat(model, stdin=io.StringIO("w5 w6\n/exit\n"), stdout=out)
+    assert "error: " in out.getvalue() and "chat template" in out.getvalue()
+    assert history == []  # the question was not asked
