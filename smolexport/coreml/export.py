@@ -56,6 +56,7 @@ def export_coreml(model: str, output: Path, options: CoreMLExportOptions, progre
     context = options.context_length
     if not 2 < context <= source.config.max_position_embeddings:
         raise UsageError(f"context must be between 3 and the model's {source.config.max_position_embeddings}")
+    _check_block_size(source.config, options)
     with staged_output(Path(output), options.force) as staging:
         mlmodel = _convert(ct, source, options, progress)
         progress.step("saving the ML Program")
@@ -69,6 +70,19 @@ def export_coreml(model: str, output: Path, options: CoreMLExportOptions, progre
         manifest = write_manifest(staging, _manifest(ct, source, options, time.perf_counter() - started))
     progress.step(f"done: {output}")
     return manifest
+
+
+def _check_block_size(c, options: CoreMLExportOptions) -> None:
+    """int4 blocks run along each matrix's input dimension, which must be a whole number of blocks."""
+    if options.quant != "int4":
+        return
+    widths = {c.hidden_size, c.intermediate_size, c.num_attention_heads * c.head_dim}
+    if any(w % options.block_size for w in widths):
+        fits = [b for b in (128, 64, 32, 16) if all(w % b == 0 for w in widths)]
+        hint = f"; use --block-size {fits[0]}" if fits else ""
+        raise UsageError(
+            f"--block-size {options.block_size} does not divide this model's matrix widths {sorted(widths)}{hint}"
+        )
 
 
 def _convert(ct, source, options: CoreMLExportOptions, progress: Progress):
@@ -95,7 +109,8 @@ def _manifest(ct, source, options: CoreMLExportOptions, seconds: float) -> dict[
     c = source.config
     return {
         "format": "smolexport-coreml",
-        "format_version": 1,
+        # 2: logits for every position (--all-logits), which a version-1 reader would misread
+        "format_version": 2 if options.all_logits else 1,
         "source": source.describe(),
         "quant": {
             "mode": options.quant,

@@ -70,6 +70,12 @@ class Interpreter:
         self.function = program.functions["main"]
         self.ops = list(self.function.operations)
         self._in_place = self._in_place_updates()
+        readers: dict[str, set[str]] = {}
+        for op in self.ops:
+            for var in op.inputs.values():
+                for v in var if isinstance(var, (list, tuple)) else [var]:
+                    readers.setdefault(v.name, set()).add(op.op_type)
+        self._linear_only = {name for name, kinds in readers.items() if kinds == {"linear"}}
         self.consts: dict[str, np.ndarray] = {}
         self._fp32_weights: dict[str, np.ndarray] = {}
         for op in self.ops:  # constants (and dequantized compressed weights) once, up front
@@ -102,16 +108,19 @@ class Interpreter:
             and last_use.get(op.inputs["x"].name) == index
             # consumers that cannot hold a view of it (slice_by_index copies; the state is not read again)
             and consumers[op.inputs["x"].name] <= {"slice_update", "coreml_update_state", "slice_by_index"}
+            # produced by an op whose result owns its memory (not a view of a constant or another value)
             and op.inputs["x"].op is not None
-            and not op.inputs["x"].op.op_type.startswith("const")
+            and op.inputs["x"].op.op_type in ("read_state", "slice_update", "coreml_update_state")
         }
 
     def _fp32_transposed(self, name: str, weight: np.ndarray) -> np.ndarray:
-        """A constant weight [N, K] as fp32 [K, N], converted once: per call it dominated the run time."""
+        """A constant weight [N, K] as fp32 [K, N], converted once: per call it dominated the run time. A
+        constant only linear ops read is then dropped in its program dtype, so it is held once."""
         if name not in self.consts:
             return weight.astype(np.float32).T
-        if name not in self._fp32_weights:
-            self._fp32_weights[name] = np.ascontiguousarray(weight.astype(np.float32).T)
+        self._fp32_weights[name] = np.ascontiguousarray(weight.astype(np.float32).T)
+        if name in self._linear_only:
+            del self.consts[name]
         return self._fp32_weights[name]
 
     def _constexpr(self, op) -> np.ndarray:
@@ -232,7 +241,11 @@ class Interpreter:
             keep = bool(get("keep_dims")) if get("keep_dims") is not None else False
             return [fn(x.astype(np.float32), axis=axes, keepdims=keep)]
         if t == "linear":
-            y = x.astype(np.float32) @ self._fp32_transposed(op.inputs["weight"].name, get("weight"))
+            name = op.inputs["weight"].name
+            weight = self._fp32_weights.get(name)
+            if weight is None:
+                weight = self._fp32_transposed(name, get("weight"))
+            y = x.astype(np.float32) @ weight
             bias = get("bias")
             return [y if bias is None else y + bias.astype(np.float32)]
         if t == "matmul":

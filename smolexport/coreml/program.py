@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import SmolexportError
 from ..llama_config import LlamaConfig
 from ..onnx.rope import rope_tables
 from ..progress import SILENT, Progress
@@ -65,10 +66,14 @@ def build_program(
         mb.StateTensorSpec(shape=cache_shape, dtype=types.fp16),
     ]
 
+    from ..onnx.decoder import _requiring
+
+    get_weight = _requiring(get_weight)  # a missing tensor (other than biases) is a clear error, not a traceback
+
     def required(name: str) -> np.ndarray:
         array = get_weight(name)
-        if array is None:
-            raise KeyError(f"the checkpoint has no tensor {name!r}")
+        if array is None:  # _requiring lets lm_head.weight through: tied checkpoints have none
+            raise SmolexportError(f"the checkpoint has no tensor {name!r}")
         return array
 
     @mb.program(input_specs=specs, opset_version=ct.target.iOS18)

@@ -4,7 +4,8 @@ int4 uses the same asymmetric round-to-nearest (or clip search, `algo="mse"`) as
 `constexpr_blockwise_shift_scale(data=uint4 [N, K], scale=fp16 [N, K/block], offset=uint4 [N, K/block])`,
 which Core ML (iOS 18 / macOS 15) decompresses at load or run time: W = scale * (data - offset).
 int8 is symmetric per output channel: W = scale[N, 1] * data (int8).
-A matrix whose K is not a multiple of the block size stays fp16 (none of SmolLM2's are).
+The exporter refuses a block size that does not divide the model's matrix widths (SmolLM2-135M's 576 takes
+16, 32 or 64); a matrix that still does not fit stays fp16.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ Matrices are named as in the checkpoint, without the "model." prefix and "self_a
 per node): a packed matrix gets 8 bits when any of its parts matches.
 
 8-bit matrices use wide blocks (`int8_block_size`): at 8 bits a block's range costs little precision, and the
-float32 scales of 32-wide blocks would add 12% to the matrix. The widest of 128/64/32 that divides the input
-width is taken, so that no padding is stored (576 = 9 x 64 for SmolLM2-135M).
+fp16 scales and zero points of 32-wide blocks would add ~9% to the matrix. The widest of 128/64/32 that
+divides the input width is taken, so that no padding is stored (576 = 9 x 64 for SmolLM2-135M).
 """
 
 from __future__ import annotations

@@ -86,3 +86,27 @@ def test_all_logits_export_returns_every_position(exports):
     np.testing.assert_allclose(logits[0], expected, atol=0.05)
     last, _ = decoder.forward(np.array([[3]]), np.ones((1, n + 1), np.int64), np.array([[n]]), cache, 1)
     assert last.shape == (1, 1, expected.shape[-1])
+
+
+def test_mha_untied_model_with_the_interpreter_matches_pytorch(tiny_models, tmp_path):
+    """No GQA tiling, a separate lm_head constant: the other shape of Llama."""
+    folder, model = tiny_models["mha_untied"]
+    export_coreml(str(folder), tmp_path / "e", CoreMLExportOptions(quant="fp16", context_length=32))
+    ops = [op.op_type for op in Interpreter(tmp_path / "e" / "model.mlpackage").ops]
+    assert "tile" not in ops
+    ids = [5, 9, 11, 40, 7, 13]
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).logits[0, 2:].numpy()
+    got = run_cached(tmp_path / "e" / "model.mlpackage", ids)
+    np.testing.assert_allclose(got, expected, atol=0.05, rtol=0)
+
+
+def test_block_size_that_does_not_divide_the_model_is_refused(tiny_models, tmp_path):
+    from smolexport.errors import UsageError
+
+    folder, model = tiny_models["gqa_tied"]
+    widths = {model.config.hidden_size, model.config.intermediate_size}
+    block = next(b for b in (128, 64, 32, 16) if any(w % b for w in widths))
+    with pytest.raises(UsageError, match="does not divide"):
+        export_coreml(str(folder), tmp_path / "e", CoreMLExportOptions("int4", context_length=64, block_size=block))
+    assert not (tmp_path / "e").exists()

@@ -60,7 +60,7 @@ def run(export_dir: Path, threads: int, runs: int, decode_tokens: int, long_toke
     limit = model.context_length or long_tokens + 1
     long_ids = prompt_of_length(model, min(long_tokens, limit - 1))  # a model with a short context gets less
     decode_tokens = max(1, min(decode_tokens, limit - len(chat_ids) - 1))
-    chat_capacity = len(chat_ids) + decode_tokens + 1
+    chat_capacity = len(chat_ids) + max(decode_tokens, 8) + 1  # the warm-up decodes 8
     _, token, cache, length = timed_first_token(decoder, chat_ids, chat_capacity)  # warm-up
     for _ in range(8):
         logits, cache, length = decode_one_token(decoder, token, cache, length)

@@ -28,7 +28,7 @@ from .model import Model
 from .tokenizer import eos_token_ids, load_tokenizer, read_json
 
 FORMAT = "smolexport-coreml"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 = version 1 plus exports with logits for every position (io.logits_positions "all")
 
 
 class Runner(Protocol):

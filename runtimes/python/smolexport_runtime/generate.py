@@ -1,9 +1,11 @@
 """The generation loop as small functions over a decoder (gpt-fast style): prefill, decode_one_token, and a
 token loop, with text streaming and stop handling layered on top.
 
-A decoder is anything with `empty_cache(batch)` and `forward(input_ids, attention_mask, position_ids, past)`
-(see session.OnnxDecoder), so the loop is testable with a stub. Generation is batch 1 without padding, so
-the attention mask is all ones and positions are 0..n-1; `position_ids_from_mask` covers padded batches.
+A decoder is anything with `empty_cache(batch, capacity=None)` and `forward(input_ids, attention_mask,
+position_ids, past)` (see session.OnnxDecoder), so the loop is testable with a stub. `capacity` (prompt +
+answer length) lets a decoder allocate its cache once; one that ignores it may grow its cache instead.
+Generation is batch 1 without padding, so the attention mask is all ones and positions are 0..n-1;
+`position_ids_from_mask` covers padded batches.
 """
 
 from __future__ import annotations
@@ -67,7 +69,8 @@ def prefill(
     `capacity` (prompt + tokens to come) lets the decoder allocate its cache once for the whole sequence."""
     if len(ids) == 0:
         raise ValueError("the prompt is empty: at least one token is needed to start generation")
-    cache = decoder.empty_cache(1, capacity=capacity)
+    # Decoders written to the plain `empty_cache(batch)` contract keep working when no capacity is asked for.
+    cache = decoder.empty_cache(1) if capacity is None else decoder.empty_cache(1, capacity=capacity)
     length = 0
     for start in range(0, len(ids), chunk_size):
         chunk = np.asarray([ids[start : start + chunk_size]], dtype=np.int64)

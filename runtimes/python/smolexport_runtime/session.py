@@ -123,11 +123,15 @@ class OnnxDecoder:
             )
         self.providers = active
         self._check_graph(manifest.kv_dtype)
-        # GroupQueryAttention can read and write one preallocated cache buffer (see empty_cache).
-        self.shares_buffer = manifest.graph.get("ops") == "fused"
         self.keeps_logits = any(i.name == "logits_to_keep" for i in self.session.get_inputs())
         # Presents stay on the device that computed them; the next step reads them there.
         self.cache_device = "cuda" if active[0] == CUDA else "cpu"
+        # GroupQueryAttention can read and write one preallocated cache buffer (see empty_cache). On CUDA
+        # its kernel is fp16-only: an fp32 graph runs it on the CPU, where a CUDA buffer would be copied
+        # every step.
+        self.shares_buffer = manifest.graph.get("ops") == "fused" and (
+            self.cache_device == "cpu" or self.kv_dtype == np.float16
+        )
 
     def _check_graph(self, kv_dtype: str) -> None:
         """Fails at load, not at the first token, when the graph does not match its manifest."""
@@ -183,6 +187,8 @@ class OnnxDecoder:
         logits_to_keep: int = 0,
     ) -> tuple[np.ndarray, list[ort.OrtValue]]:
         """Runs the graph once: returns logits [batch, seq or logits_to_keep, vocab] and the grown cache.
+        A preallocated cache (`KVBuffers`) is written in place and returned as is: the `past` passed in is
+        then no snapshot of the earlier state.
 
         `logits_to_keep=1` asks for the last position's logits only (prefill needs no more); graphs without
         that input return all positions and the caller takes the last.
