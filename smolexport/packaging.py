@@ -33,6 +33,24 @@ def file_inventory(folder: Path) -> dict[str, dict[str, Any]]:
     return inventory
 
 
+def model_manifest(config, context_length: int) -> dict[str, Any]:
+    """The manifest's "model" section (shapes a runtime needs), the same for every export format."""
+    c = config
+    return {
+        "architecture": "llama",
+        "num_layers": c.num_hidden_layers,
+        "num_attention_heads": c.num_attention_heads,
+        "num_kv_heads": c.num_key_value_heads,
+        "head_dim": c.head_dim,
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size,
+        "vocab_size": c.vocab_size,
+        "context_length": context_length,
+        "tie_word_embeddings": c.tie_word_embeddings,
+        "rope_theta": c.rope_theta,
+    }
+
+
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     manifest = {**manifest, "files": file_inventory(folder)}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

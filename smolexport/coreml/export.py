@@ -23,7 +23,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import UsageError
-from ..packaging import staged_output, write_manifest
+from ..packaging import model_manifest, staged_output, write_manifest
 from ..progress import SILENT, Progress
 from ..sources import open_source
 from . import import_coremltools
@@ -122,17 +122,7 @@ def _manifest(ct, source, options: CoreMLExportOptions, seconds: float) -> dict[
             }[options.quant],  # fmt: skip
             "compute_precision": "fp16",
         },
-        "model": {
-            "architecture": "llama",
-            "num_layers": c.num_hidden_layers,
-            "num_attention_heads": c.num_attention_heads,
-            "num_kv_heads": c.num_key_value_heads,
-            "head_dim": c.head_dim,
-            "hidden_size": c.hidden_size,
-            "vocab_size": c.vocab_size,
-            "context_length": options.context_length,
-            "tie_word_embeddings": c.tie_word_embeddings,
-        },  # fmt: skip
+        "model": model_manifest(c, options.context_length),
         "package": PACKAGE,
         "deployment_target": "iOS18 / macOS15",
         "io": {

@@ -407,6 +407,17 @@ def _layer_weights(get_weight, i: int) -> tuple[dict, dict, np.ndarray, np.ndarr
     return attn, mlp, *norms
 
 
+def _calibrate(b: DecoderBuilder, calibration, attn: dict, mlp: dict, input_norm, post_norm):
+    """Advances the calibration through one layer: (its linear layers' inputs, input_norm, post_norm). With
+    algo awq, the layer's weights (attn/mlp, in place) and norms come back rescaled (awq.py)."""
+    if calibration is None:
+        return {}, input_norm, post_norm
+    inputs = calibration.layer(attn, mlp, input_norm, post_norm)
+    if b.o.algo == "awq":
+        input_norm, post_norm = b.awq_scale(attn, mlp, input_norm, post_norm, inputs)
+    return inputs, input_norm, post_norm
+
+
 def _standard_layers(b: DecoderBuilder, x: str, cos_table, sin_table, get_weight, on_layer, calibration) -> str:
     """Standard ONNX ops only (plus MatMulNBits for quantized weights); returns the final-normed hidden state."""
     g = b.g
@@ -417,9 +428,7 @@ def _standard_layers(b: DecoderBuilder, x: str, cos_table, sin_table, get_weight
     mask_bias = b.attention_mask_bias()
     for i in range(b.c.num_hidden_layers):
         attn, mlp, input_norm, post_attn_norm = _layer_weights(get_weight, i)
-        power = calibration.layer(attn, mlp, input_norm, post_attn_norm) if calibration else {}
-        if b.o.algo == "awq" and calibration:
-            input_norm, post_attn_norm = b.awq_scale(attn, mlp, input_norm, post_attn_norm, power)
+        power, input_norm, post_attn_norm = _calibrate(b, calibration, attn, mlp, input_norm, post_attn_norm)
         h = b.rms_norm(x, input_norm, f"layers.{i}.input_norm")
         x = g.node("Add", [x, b.attention(i, h, attn, cos, sin, mask_bias, power)], f"layers.{i}.attn_residual")
         h = b.rms_norm(x, post_attn_norm, f"layers.{i}.post_attn_norm")
@@ -437,9 +446,7 @@ def _fused_layers(b: DecoderBuilder, x: str, cos_table, sin_table, get_weight, o
     pending, residual = None, x
     for i in range(b.c.num_hidden_layers):
         attn, mlp, input_norm, post_attn_norm = _layer_weights(get_weight, i)
-        power = calibration.layer(attn, mlp, input_norm, post_attn_norm) if calibration else {}
-        if b.o.algo == "awq" and calibration:
-            input_norm, post_attn_norm = b.awq_scale(attn, mlp, input_norm, post_attn_norm, power)
+        power, input_norm, post_attn_norm = _calibrate(b, calibration, attn, mlp, input_norm, post_attn_norm)
         h, residual = fused.add_and_norm(pending, residual, input_norm, f"layers.{i}.input_norm")
         pending = fused.attention(i, h, attn, power)
         h, residual = fused.add_and_norm(pending, residual, post_attn_norm, f"layers.{i}.post_attn_norm")

@@ -13,7 +13,7 @@ import onnx
 
 from .. import __version__
 from ..errors import UsageError
-from ..packaging import staged_output, write_manifest
+from ..packaging import model_manifest, staged_output, write_manifest
 from ..progress import SILENT, Progress
 from ..sources import ModelSource, open_source
 from .calibration import DEFAULT_TOKENS, load_calibration_ids
@@ -180,19 +180,7 @@ def _manifest(
             "padded_batches": not decoder.fused,
             "logits_to_keep": True,
         },
-        "model": {
-            "architecture": "llama",
-            "num_layers": c.num_hidden_layers,
-            "num_attention_heads": c.num_attention_heads,
-            "num_kv_heads": c.num_key_value_heads,
-            "head_dim": c.head_dim,
-            "hidden_size": c.hidden_size,
-            "intermediate_size": c.intermediate_size,
-            "vocab_size": c.vocab_size,
-            "context_length": decoder.context_length,
-            "tie_word_embeddings": c.tie_word_embeddings,
-            "rope_theta": c.rope_theta,
-        },
+        "model": model_manifest(c, decoder.context_length),
         "kv_cache": {
             "layout": "batch,kv_heads,seq,head_dim",
             "dtype": "float16" if decoder.activation_dtype == "fp16" else "float32",

@@ -193,6 +193,12 @@ class OnnxDecoder:
         `logits_to_keep=1` asks for the last position's logits only (prefill needs no more); graphs without
         that input return all positions and the caller takes the last.
         """
+        shared = isinstance(past, KVBuffers)
+        if shared and attention_mask.shape[1] > past.capacity:
+            needed = attention_mask.shape[1]
+            raise SmolexportRuntimeError(
+                f"the cache was allocated for {past.capacity} tokens; this step needs {needed}"
+            )
         binding = self.session.io_binding()
         for name, value in (("input_ids", input_ids), ("attention_mask", attention_mask),
                             ("position_ids", position_ids)):  # fmt: skip
@@ -205,17 +211,11 @@ class OnnxDecoder:
             else:
                 binding.bind_ortvalue_input(name, value)
         binding.bind_output("logits", "cpu")
-        shared = isinstance(past, KVBuffers)
-        if shared and attention_mask.shape[1] > past.capacity:
-            needed = attention_mask.shape[1]
-            raise SmolexportRuntimeError(
-                f"the cache was allocated for {past.capacity} tokens; this step needs {needed}"
-            )
         for name, value in zip(self.output_names[1:], past, strict=True):
             if shared:  # the same buffer as the input: written in place
                 binding.bind_ortvalue_output(name, value)
             else:
                 binding.bind_output(name, self.cache_device)
         self.session.run_with_iobinding(binding)
-        logits = binding.get_outputs()[0].numpy()
-        return logits, past if shared else binding.get_outputs()[1:]
+        logits, *present = binding.get_outputs()
+        return logits.numpy(), past if shared else present
