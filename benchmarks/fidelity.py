@@ -56,8 +56,8 @@ OURS = {
     "smolexport int4 rtn": ["--quant", "int4", "--algo", "rtn"],
     "smolexport int4 act-mse": ["--quant", "int4", "--algo", "act-mse"],
     "smolexport int4 awq": ["--quant", "int4", "--algo", "awq"],
+    "smolexport int4 awq, blocks of 16, log8 scales": ["--algo", "awq", "--block-size", "16", "--scales", "log8"],
     "smolexport int4 --preset quality": ["--preset", "quality"],
-    "smolexport int4 --preset quality --accuracy-level 0": ["--preset", "quality", "--accuracy-level", "0"],
 }
 GGUF_TYPES = ["Q8_0", "Q4_K_M", "Q4_0"]
 
@@ -74,18 +74,22 @@ def slug(name: str) -> str:
 # --- building every variant -------------------------------------------------------------------------------
 
 
-def build(weights: str, rebuild: str | None = None) -> list[dict]:
-    """Builds (when missing, or when its name contains `rebuild`) every variant of one weight set; returns
-    [{name, kind, path, backend}]."""
+def build(weights: str, only: list[str] | None = None) -> list[dict]:
+    """Builds (when missing) every variant of one weight set, or with `only` (name substrings) rebuilds just
+    smolexport's variants whose name contains one; returns [{name, kind, path, backend}]."""
     folder = FOLDERS[weights]
     out = WORK / "fidelity" / weights
     out.mkdir(parents=True, exist_ok=True)
     variants = []
     for name, flags in OURS.items():
         path = out / slug(name)
-        if not (path / "smolexport.json").exists() or (rebuild and rebuild in name):
+        if only and not any(part in name for part in only):
+            continue
+        if only or not (path / "smolexport.json").exists():
             run([VENV / "smolexport", "onnx", "--model", folder, *flags, "--output", path, "--force", "-q"])
         variants.append({"name": name, "kind": "ours", "path": path})
+    if only:
+        return variants
     for precision in ["int4", "int8"]:
         path = out / f"genai-{precision}"
         if not (path / "genai_config.json").exists():
@@ -246,8 +250,9 @@ def main() -> None:
     parser.add_argument("--weights", nargs="+", choices=list(FOLDERS), default=list(FOLDERS))
     parser.add_argument("--output", type=Path, default=BENCH / "results")
     parser.add_argument(
-        "--only", default=None,
-        help="rebuild and measure only the variants whose name contains this; keep the other rows of the JSON",
+        "--only", nargs="+", default=None,
+        help="rebuild and measure only smolexport's variants whose name contains one of these; keep the other "
+        "rows of the JSON",
     )  # fmt: skip
     args = parser.parse_args()
     args.output.mkdir(parents=True, exist_ok=True)
@@ -256,8 +261,6 @@ def main() -> None:
     rows = []
     for weights in args.weights:
         variants = build(weights, args.only)
-        if args.only:
-            variants = [v for v in variants if args.only in v["name"]]
         params = parameter_count(FOLDERS[weights])
         rows += measure(weights, variants, params)
         new = {(r["weights"], r["variant"]) for r in rows}

@@ -21,13 +21,14 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM
 
 from smolexport.llama_config import LlamaConfig
 from smolexport.onnx.calibration import Calibration, load_calibration_ids
-from smolexport.onnx.decoder import DecoderBuilder, DecoderOptions, _layer_weights
+from smolexport.onnx.decoder import DecoderBuilder, DecoderOptions, _calibrate, _layer_weights
 from smolexport.onnx.mixed import parse_patterns
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,39 +38,80 @@ ROLES = {"q": "qkv", "k": "qkv", "v": "qkv", "o": "o", "gate": "gate_up", "up": 
 
 
 def fake_quantize(model, state: dict, config: LlamaConfig, options: DecoderOptions, ids, only=None) -> None:
-    """Writes dequantized int4 (or mixed) weights into `model`; `only(name)` limits which matrices change."""
+    """Writes dequantized int4 (or mixed) weights into `model`; `only(name)` limits which matrices change.
+    With algo awq the rescaled norms are written too, so the float function is the same and only rounding
+    differs."""
     b = DecoderBuilder(None, config, options)
     calibration = Calibration(config, state["model.embed_tokens.weight"], ids) if options.calibrated else None
     params = dict(model.named_parameters())
     for i in range(config.num_hidden_layers):
         attn, mlp, input_norm, post_norm = _layer_weights(state.get, i)
-        inputs = calibration.layer(attn, mlp, input_norm, post_norm) if calibration else {}
+        inputs, input_norm, post_norm = _calibrate(b, calibration, attn, mlp, input_norm, post_norm)
+        params[f"model.layers.{i}.input_layernorm.weight"].data = torch.from_numpy(np.asarray(input_norm))
+        params[f"model.layers.{i}.post_attention_layernorm.weight"].data = torch.from_numpy(np.asarray(post_norm))
         for key, path in MATRICES.items():
             name = f"layers.{i}.{path.split('.')[1]}"
+            weight = (attn if key in ("q", "k", "v", "o") else mlp)[key]
+            param = params[f"model.layers.{i}.{path}.weight"]
             if only is None or only(name):
-                _replace(b, params[f"model.layers.{i}.{path}.weight"], name, inputs.get(ROLES[key]))
+                _replace(b, param, weight, name, inputs.get(ROLES[key]))
+            else:
+                param.data = torch.from_numpy(np.ascontiguousarray(weight))
+    # As the exporter: the lm_head (tied or not) is quantized with the final-normed calibration hidden states.
+    final = calibration.final(state["model.norm.weight"]) if calibration else None
+    tied = config.tie_word_embeddings
     for name in ("embed_tokens", "lm_head"):
         full = "model.embed_tokens.weight" if name == "embed_tokens" else "lm_head.weight"
-        if full in params and (only is None or only(name)) and not (name == "lm_head" and config.tie_word_embeddings):
-            _replace(b, params[full], name, None)
+        if full in params and (only is None or only(name)) and not (name == "lm_head" and tied):
+            _replace(b, params[full], state[full], name, final if (name == "lm_head" or tied) else None)
 
 
-def _replace(b: DecoderBuilder, param, name: str, calib) -> None:
+def _replace(b: DecoderBuilder, param, weight: np.ndarray, name: str, calib) -> None:
     from smolexport.onnx.quantize import dequantize_blockwise
 
-    bits, block = b._bits(name, 4)
-    weight = param.detach().numpy()
-    param.data = torch.from_numpy(dequantize_blockwise(b._quantize(weight, bits, block, calib)))
+    bits, block = b._bits(name, 4, weight.shape[1])
+    param.data = torch.from_numpy(dequantize_blockwise(b.quantize(name, weight, bits, block, calib)))
 
 
-def compare(reference_logits: torch.Tensor, model, ids: torch.Tensor) -> dict:
-    with torch.no_grad():
-        logits = model(ids).logits[0].double()
-    ref = reference_logits.log_softmax(-1)
-    out = logits.log_softmax(-1)
-    kl = (ref.exp() * (ref - out)).sum(-1).mean().item()
-    top1 = (ref.argmax(-1) == out.argmax(-1)).double().mean().item()
-    return {"kl": round(kl, 4), "top1": round(top1, 4)}
+def compare(references: list[torch.Tensor], model, segments: list) -> dict:
+    """Mean KL(float || quantized) and top-1 agreement over every scored position of every segment, and the
+    perplexity ratio over the text segments (teacher-forced, as `smolexport validate` scores)."""
+    kl_sum = top1_sum = positions = 0.0
+    nll = {"ref": 0.0, "out": 0.0, "n": 0}
+    for reference, (ids, start, is_text) in zip(references, segments, strict=True):
+        with torch.no_grad():
+            logits = model(ids[None]).logits[0, start:-1].double()
+        targets = ids[start + 1 :]
+        ref, out = reference.log_softmax(-1), logits.log_softmax(-1)
+        kl_sum += (ref.exp() * (ref - out)).sum(-1).sum().item()
+        top1_sum += (ref.argmax(-1) == out.argmax(-1)).double().sum().item()
+        positions += len(targets)
+        if is_text:
+            rows = torch.arange(len(targets))
+            nll["ref"] -= ref[rows, targets].sum().item()
+            nll["out"] -= out[rows, targets].sum().item()
+            nll["n"] += len(targets)
+    row = {"kl": round(kl_sum / positions, 4), "top1": round(top1_sum / positions, 4)}
+    if nll["n"]:
+        row["ppl_ratio"] = round(float(np.exp((nll["out"] - nll["ref"]) / nll["n"])), 4)
+    return row
+
+
+def dev_segments(model, folder: Path, tokens: int) -> list:
+    """The held-out dev set (benchmarks/dev): each prompt in the chat template followed by the float model's
+    greedy answer (48 tokens, scored from the answer's first token), then the dev text and the default text."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    segments = []
+    for prompt in json.loads((ROOT / "benchmarks" / "dev" / "prompts.json").read_text()):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        answer = model.generate(torch.tensor([ids]), max_new_tokens=48, do_sample=False)[0]
+        segments.append((answer, len(ids) - 1, False))
+    for text in (ROOT / "benchmarks" / "dev" / "text.txt", ROOT / "docs" / "export-folder.md"):
+        segments.append((torch.tensor(tokenizer(text.read_text()).input_ids[:tokens]), 0, True))
+    return segments
 
 
 def main() -> None:
@@ -80,6 +122,9 @@ def main() -> None:
     parser.add_argument("--algo", default="rtn", help="algorithm for --scan")
     parser.add_argument("--scan", action="store_true", help="quantize one group at a time")
     parser.add_argument("--variants", nargs="*", default=[], metavar="ALGO:PATTERNS")
+    parser.add_argument("--calibration", type=Path, default=None, help="calibration text (default: built-in)")
+    parser.add_argument("--calibration-tokens", type=int, default=None)
+    parser.add_argument("--dev", action="store_true", help="score on benchmarks/dev (chat answers + texts)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
@@ -89,15 +134,22 @@ def main() -> None:
     state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
     config = LlamaConfig.from_dict(model.config.to_dict())
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    eval_ids = torch.tensor([tokenizer.encode(args.text.read_text()).ids[: args.tokens]])
-    calib_ids = load_calibration_ids(folder / "tokenizer.json", None)
-    reference = model(eval_ids).logits[0].double()
+    if args.dev:
+        segments = dev_segments(model, folder, args.tokens)
+    else:
+        segments = [(torch.tensor(tokenizer.encode(args.text.read_text()).ids[: args.tokens]), 0, True)]
+    calib_ids = load_calibration_ids(folder / "tokenizer.json", args.calibration, args.calibration_tokens)
+    references = [model(ids[None]).logits[0, start:-1].double() for ids, start, _ in segments]
     results = []
 
     def run(label: str, options: DecoderOptions, only=None) -> None:
         started = time.perf_counter()
         fake_quantize(model, state, config, options, calib_ids, only)
-        row = {"variant": label, **compare(reference, model, eval_ids), "seconds": round(time.perf_counter() - started)}
+        row = {
+            "variant": label,
+            **compare(references, model, segments),
+            "seconds": round(time.perf_counter() - started),
+        }
         print(json.dumps(row), flush=True)
         results.append(row)
         model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
@@ -113,8 +165,12 @@ def main() -> None:
         for label, only in groups.items():
             run(f"int4 {args.algo}: only {label}", options, only)
     for variant in args.variants:
-        algo, _, patterns = variant.partition(":")
-        options = DecoderOptions(weight_bits=4, lm_head_bits=4, algo=algo, int8_layers=parse_patterns(patterns))
+        algo, _, rest = variant.partition(":")
+        patterns, _, extra = rest.partition(":")  # extra: DecoderOptions overrides, e.g. "block_size=16"
+        overrides = {key: int(value) for key, value in (item.split("=") for item in extra.split(",") if item)}
+        options = DecoderOptions(
+            weight_bits=4, lm_head_bits=4, algo=algo, int8_layers=parse_patterns(patterns), **overrides
+        )
         run(variant, options)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")

@@ -12,7 +12,7 @@ import click
 from . import __version__
 from .cli_errors import user_errors
 from .errors import UsageError
-from .onnx.export import ALGOS, QUANT_MODES, OnnxExportOptions, export_onnx
+from .onnx.export import ALGOS, QUANT_MODES, SCALE_FORMATS, OnnxExportOptions, export_onnx
 from .onnx.presets import PRESETS
 from .progress import Progress
 from .sources import DEFAULT_MODEL
@@ -48,16 +48,22 @@ def main():
     "--preset",
     type=click.Choice(sorted(PRESETS)),
     default=None,
-    help="A measured recipe: 'quality' = int4, --algo act-mse, embedding/lm_head and v_proj at 8 bits "
-    "(docs/quantization.md). Flags given explicitly override it.",
+    help="A measured recipe: 'quality' = int4 --algo awq in blocks of 16 with log8 scales, v_proj and the first "
+    "and last two layers at 8 bits (docs/quantization.md). Flags given explicitly override it.",
 )
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="Export folder to create.")
 @click.option(
     "--block-size",
     type=click.Choice(["16", "32", "64", "128", "256"]),
-    default="32",
-    show_default=True,
-    help="Block size of int4/int8 weight quantization.",
+    default=None,
+    help="Block size of int4/int8 weight quantization  [default: 32, or the preset's]",
+)
+@click.option(
+    "--scales",
+    type=click.Choice(list(SCALE_FORMATS)),
+    default=None,
+    help="Block scales: fp16, or log8 (one byte per block and one fp32 number per row: blocks of 16 for about "
+    "the size of fp16-scaled blocks of 32)  [default: fp16, or the preset's]",
 )
 @click.option(
     "--lm-head-bits",
@@ -91,7 +97,7 @@ def main():
     "calibration_file",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     default=None,
-    help="Calibration text for --algo act-mse/gptq (default: a built-in text).",
+    help="Calibration text for --algo act-mse/awq/gptq, first 2,048 tokens (default: a built-in text).",
 )
 @click.option(
     "--standard-ops",
@@ -115,6 +121,7 @@ def onnx_command(
     preset,
     output,
     block_size,
+    scales,
     lm_head_bits,
     context_length,
     algo,
@@ -128,7 +135,8 @@ def onnx_command(
     """Export MODEL to an ONNX folder with a KV-cache decoder."""  # noqa: D401
     options = OnnxExportOptions(
         quant=quant,
-        block_size=int(block_size),
+        block_size=int(block_size) if block_size else None,
+        scales=scales,
         lm_head_bits=int(lm_head_bits) if lm_head_bits else None,
         context_length=context_length,
         fused=not standard_ops,

@@ -36,7 +36,7 @@ class WeightCodec:
         weight = np.asarray(weight, dtype=np.float32)
         n, k = weight.shape
         if self.mode == "int4" and k % self.block_size == 0:
-            q, scales, offsets = block_codes(weight, 4, self.block_size, np.float16, self.algo)
+            q, scales, offsets, *_ = block_codes(weight, 4, self.block_size, np.float16, self.algo)
             return mb.constexpr_blockwise_shift_scale(
                 data=q.reshape(n, k).astype(types.np_uint4_dtype), scale=scales,
                 offset=offsets.astype(types.np_uint4_dtype), name=_const_name(name),

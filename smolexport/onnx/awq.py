@@ -23,7 +23,7 @@ from .calibration import LayerInput
 from .quantize import dequantize_blockwise, quantize_blockwise
 
 ALPHAS = np.linspace(0.0, 1.0, 21)
-MAX_TOKENS = 512  # calibration rows used to score a candidate (all of the default calibration text)
+MAX_TOKENS = 512  # calibration rows used to score a candidate, evenly spaced over the calibration text
 
 
 def _output_error(x: np.ndarray, weight: np.ndarray, scales: np.ndarray, bits: int, block_size: int) -> float:
@@ -37,7 +37,7 @@ def search_scales(x: np.ndarray, weight: np.ndarray, bits: int, block_size: int,
 
     `magnitude`/`expand` tie channels together: the search runs over scales the size of `magnitude` and
     `expand` maps one to the K columns (o_proj: one scale per KV channel, repeated for its query heads)."""
-    x = x[:MAX_TOKENS]
+    x = x[:: max(1, len(x) // MAX_TOKENS)][:MAX_TOKENS]  # the search's cost grows with rows: a spread sample
     magnitude = np.abs(x).mean(axis=0) if magnitude is None else magnitude
     magnitude = np.maximum(magnitude, 1e-6).astype(np.float64)
     expand = expand or (lambda scales: scales)

@@ -20,7 +20,7 @@ from ..errors import UsageError
 from ..llama_config import LlamaConfig
 from .rope import rope_tables
 
-DEFAULT_TOKENS = 512
+DEFAULT_TOKENS = 2048  # more tokens mostly help the lm_head's GPTQ (its Hessian is [hidden, hidden])
 
 
 def default_calibration_text() -> str:
@@ -117,3 +117,7 @@ class Calibration:
         inputs["down"] = LayerInput(act)
         self.hidden = self.hidden + linear(act, mlp["down"], mlp.get("down_bias"))
         return inputs
+
+    def final(self, norm_weight: np.ndarray) -> LayerInput:
+        """The lm_head's inputs: the last layer's hidden states through the final RMSNorm."""
+        return LayerInput(_rms_norm(self.hidden, norm_weight, self.c.rms_norm_eps))

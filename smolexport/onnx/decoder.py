@@ -23,7 +23,7 @@ from .calibration import Calibration, LayerInput
 from .gptq import gptq_quantize
 from .graph import MS_DOMAIN, GraphBuilder
 from .mixed import int8_block_size, wants_int8
-from .quantize import quantize_blockwise
+from .quantize import LOG8_TABLE, BlockQuantized, quantize_blockwise
 from .rope import rope_tables
 
 FLOAT_TYPES = {"fp32": (np.float32, TensorProto.FLOAT), "fp16": (np.float16, TensorProto.FLOAT16)}
@@ -40,8 +40,9 @@ class DecoderOptions:
     context_length: int = 2048
     fused: bool = True  # ONNX Runtime's fused contrib ops (fused.py) instead of standard ops only
     accuracy_level: int = 0  # MatMulNBits compute type: 0 = as activations, 4 = int8 (faster, less exact)
-    algo: str = "rtn"  # quantization algorithm: rtn | mse | act-mse (quantize.py) | gptq (gptq.py)
+    algo: str = "rtn"  # quantization algorithm: rtn | mse | act-mse (quantize.py) | awq (awq.py) | gptq (gptq.py)
     int8_layers: tuple[str, ...] = ()  # in int4 exports, matrices kept at 8 bits (patterns, see mixed.py)
+    log8_scales: bool = False  # block scales as 8-bit log codes + one fp32 scale per row (quantize.py)
 
     @property
     def calibrated(self) -> bool:
@@ -66,7 +67,7 @@ class DecoderBuilder:
 
     def _bits(self, name: str, bits: int | None, k: int) -> tuple[int | None, int]:
         """(bits, block size) of a matrix with k inputs: 8 bits in wide blocks where --int8-layers says so."""
-        if bits == 4 and wants_int8(self.o.int8_layers, name):
+        if bits == 4 and wants_int8(self.o.int8_layers, name, self.c.num_hidden_layers):
             self.int8_matrices[name] = int8_block_size(k)
             return 8, self.int8_matrices[name]
         return bits, self.o.block_size
@@ -110,7 +111,7 @@ class DecoderBuilder:
         is their outputs concatenated; as separate ones, concatenated, when mixed precision gives them
         different bit widths (a MatMulNBits node has one)."""
         bits = self.o.weight_bits
-        if bits == 4 and len({wants_int8(self.o.int8_layers, part[0]) for part in parts}) > 1:
+        if bits == 4 and len({wants_int8(self.o.int8_layers, part[0], self.c.num_hidden_layers) for part in parts}) > 1:
             outputs = [self.linear(x, part, weight, bias, bits, calib) for part, weight, bias in parts]
             return self.g.node("Concat", outputs, f"{name}/concat", axis=-1)
         biases = [bias for _, _, bias in parts]
@@ -126,31 +127,58 @@ class DecoderBuilder:
                            self.o.weight_bits, self.o.block_size)  # fmt: skip
 
     def _quantized(self, name: str, weight: np.ndarray, bits: int, block_size: int, calib=None) -> list[str]:
-        qw = self._quantize(weight, bits, block_size, calib)
+        qw = self.quantize(name, weight, bits, block_size, calib)
         return [
             self.g.initializer(f"{name}.qweight", qw.data),
-            self.scales(name, qw.scales),
+            self.scales(name, qw),
             self.g.initializer(f"{name}.zero_points", qw.zero_points),
         ]
 
-    def scales(self, name: str, scales: np.ndarray) -> str:
-        """Block scales are stored in fp16 (1 byte per 16 weights less than fp32 at block 32: 7% of an int4
-        model). MatMulNBits wants them in the activation type: for fp32 graphs a Cast, which ONNX Runtime
-        folds into a constant at load, before it prepacks the weights, so it costs nothing per token."""
-        stored = self.g.initializer(f"{name}.scales", scales.astype(np.float16))
-        if self.np_dtype == np.float16:
-            return stored
-        return self.g.node("Cast", [stored], f"{name}.scales/to_float", to=self.onnx_dtype)
+    def scales(self, name: str, qw: BlockQuantized) -> str:
+        """Stores a matrix's block scales and returns them as MatMulNBits reads them (see `scales_input`)."""
+        self.write_scales(name, qw)
+        return self.scales_input(name)
 
-    def _quantize(self, weight: np.ndarray, bits: int, block_size: int, calib: LayerInput | None = None):
-        """Matrices without calibration inputs (the embedding) fall back from act-mse/gptq to mse."""
-        if self.o.algo == "gptq" and calib is not None:
-            return gptq_quantize(weight, calib.hessian(), bits, block_size, np.float16)
+    def write_scales(self, name: str, qw: BlockQuantized) -> None:
+        if self.o.log8_scales:
+            self.g.initializer(f"{name}.scale_codes", qw.scale_codes)
+            self.g.initializer(f"{name}.row_scales", qw.row_scales)
+        else:
+            self.g.initializer(f"{name}.scales", qw.scales.astype(np.float16))
+
+    def scales_input(self, name: str) -> str:
+        """The scales as MatMulNBits reads them, from initializers that `write_scales` adds (before or after:
+        initializers are not ordered). Block scales are stored in fp16 (1 byte per 16 weights less than fp32
+        at block 32: 7% of an int4 model), or as log8 codes decoded by a table lookup and a multiplication by
+        the row scale, rounded to fp16 as the quantizer did. MatMulNBits wants them in the activation type:
+        for fp32 graphs a Cast. ONNX Runtime folds all of this into a constant at load, before it prepacks
+        the weights, so it costs nothing per token."""
+        g, scales = self.g, f"{name}.scales"
+        if self.o.log8_scales:
+            table = g.const(LOG8_TABLE, np.float32)
+            codes = g.node("Cast", [f"{name}.scale_codes"], f"{name}.scales/codes", to=TensorProto.INT32)
+            scales = g.node("Gather", [table, codes], f"{name}.scales/decode")
+            scales = g.node("Mul", [scales, f"{name}.row_scales"], f"{name}.scales/rows")
+            scales = g.node("Cast", [scales], f"{name}.scales/to_fp16", to=TensorProto.FLOAT16)
+        if self.np_dtype == np.float16:
+            return scales
+        return g.node("Cast", [scales], f"{name}.scales/to_float", to=self.onnx_dtype)
+
+    def quantize(self, name: str, weight: np.ndarray, bits: int, block_size: int, calib: LayerInput | None = None):
+        """Block-quantizes one matrix by the export's algo; without calibration inputs, act-mse/awq/gptq fall
+        back to mse. The lm_head (tied or not) is always quantized by GPTQ when calibrated: its inputs, the
+        final-normed hidden states, have a few huge channels, and GPTQ's error compensation over them cut the
+        int4 lm_head's KL to a third of the activation-weighted clipping search's on the dev set
+        (benchmarks/dev, docs/quantization.md)."""
+        if calib is not None and (self.o.algo == "gptq" or name in ("embed_tokens", "lm_head")):
+            return gptq_quantize(weight, calib.hessian(), bits, block_size, np.float16, self.o.log8_scales)
         algo = "rtn" if self.o.algo == "rtn" else "mse"  # act-mse is mse weighted by calibration activations
         # awq: the act-mse search on weights already rescaled by awq.scale_layer
         importance = calib.power if self.o.algo in ("act-mse", "awq") and calib is not None else None
         # fp16 scales: quantization rounds with exactly the scale the kernel will use (see `scales`)
-        return quantize_blockwise(weight, bits, block_size, np.float16, algo=algo, importance=importance)
+        return quantize_blockwise(
+            weight, bits, block_size, np.float16, algo=algo, importance=importance, log8_scales=self.o.log8_scales
+        )
 
     # --- building blocks -------------------------------------------------------------------------
     def rms_norm(self, x: str, weight: np.ndarray, name: str) -> str:
@@ -258,8 +286,9 @@ class DecoderBuilder:
         allowed = g.node("And", [causal, padding], "mask/allowed")
         return g.node("Where", [allowed, g.const(0.0, np.float32), g.const(-1e9, np.float32)], "mask/bias")
 
-    def embedding(self, weight: np.ndarray) -> tuple[str, Callable[[str], str]]:
-        """Returns the embedded input_ids and a function that applies the lm_head sharing this weight.
+    def embedding(self, weight: np.ndarray) -> tuple[str, Callable[[str], str], Callable]:
+        """Returns the embedded input_ids, a function that applies the lm_head sharing this weight, and
+        `write(calib)`, which stores the weight (quantized with the lm_head's calibration inputs, if any).
 
         The weight is stored once: float models gather from it and multiply by it transposed (Gemm transB);
         quantized models gather and multiply from the same packed block-quantized data.
@@ -278,16 +307,16 @@ class DecoderBuilder:
                 shape = g.node("Concat", [batch_seq, g.const([vocab])], "lm_head/shape", axis=0)
                 return g.node("Reshape", [y, shape], "lm_head/logits")
 
-            return embedded, lm_head
+            return embedded, lm_head, lambda calib: None
 
         # GatherBlockQuantized reads the same packed data as MatMulNBits, viewed as [V, n_blocks, block]
-        # (quantized on the last axis, one scale per row of it); 4-bit zero points are unpacked for it.
-        qw = self._quantize(weight, bits, block_size)
-        n_blocks = qw.data.shape[1]
-        data = g.initializer("embed_tokens.qweight", qw.data)
-        scales = self.scales("embed_tokens", qw.scales)
-        gather_zp = qw.zero_points if bits == 8 else _unpack_nibbles(qw.zero_points, n_blocks)
-        gather_zp = g.initializer("embed_tokens.gather_zero_points", gather_zp.reshape(vocab, n_blocks, 1))
+        # (quantized on the last axis, one scale per row of it); 4-bit zero points are unpacked for it. The
+        # nodes only name their initializers: `write` fills them, once the calibration (if any) has reached
+        # the lm_head's inputs.
+        n_blocks = -(-hidden // block_size)
+        data, zero_points = "embed_tokens.qweight", "embed_tokens.zero_points"
+        scales = self.scales_input("embed_tokens")
+        gather_zp = "embed_tokens.gather_zero_points"
         gather_scales = g.node("Reshape", [scales, g.const([vocab, n_blocks, 1])], "embed/scales")
         embedded = g.node(
             "GatherBlockQuantized",
@@ -304,7 +333,6 @@ class DecoderBuilder:
             embedded = g.node("Slice", [embedded, g.const([0]), g.const([hidden]), g.const([-1])], "embed/unpad")
 
         def lm_head(x: str) -> str:
-            zero_points = g.initializer("embed_tokens.zero_points", qw.zero_points)
             return g.node(
                 "MatMulNBits",
                 [x, data, scales, zero_points],
@@ -317,7 +345,16 @@ class DecoderBuilder:
                 accuracy_level=self.o.accuracy_level,
             )
 
-        return embedded, lm_head
+        def write(calib: LayerInput | None) -> None:
+            qw = self.quantize("embed_tokens", weight, bits, block_size, calib)
+            g.initializer(data, qw.data)
+            self.write_scales("embed_tokens", qw)
+            if self.c.tie_word_embeddings:  # the lm_head's MatMulNBits reads packed zero points
+                g.initializer(zero_points, qw.zero_points)
+            unpacked = qw.zero_points if bits == 8 else _unpack_nibbles(qw.zero_points, n_blocks)
+            g.initializer(gather_zp, unpacked.reshape(vocab, n_blocks, 1))
+
+        return embedded, lm_head, write
 
 
 def _unpack_nibbles(packed: np.ndarray, count: int) -> np.ndarray:
@@ -347,13 +384,15 @@ def build_decoder(
             g.input(io[key], float_type, ["batch", c.num_key_value_heads, "past_seq", c.head_dim])
 
     embed = get_weight("model.embed_tokens.weight")
-    x, tied_lm_head = b.embedding(embed)
+    x, tied_lm_head, write_embedding = b.embedding(embed)
     calibration = None
     if options.calibrated:
         if not calibration_ids:
             raise ValueError(f"algo {options.algo} needs calibration_ids")
         calibration = Calibration(c, embed, calibration_ids)
     lm_head_weight = None if c.tie_word_embeddings else get_weight("lm_head.weight")
+    if lm_head_weight is not None or calibration is None:
+        write_embedding(None)  # only the tied lm_head waits for the calibration to reach its inputs
     del embed
 
     cos_table, sin_table = rope_tables(c, options.context_length)
@@ -367,10 +406,13 @@ def build_decoder(
     keep = g.input("logits_to_keep", TensorProto.INT64, [1])
     start = g.node("Neg", [keep], "logits_to_keep/start")
     x = g.node("Slice", [x, start, g.const([2**62]), g.const([1])], "logits_to_keep/slice")
+    final_norm = calibration.final(get_weight("model.norm.weight")) if calibration is not None else None
     if lm_head_weight is None:
         logits = tied_lm_head(x)
+        if calibration is not None:
+            write_embedding(final_norm)
     else:  # untied: a separate [vocab, hidden] matrix
-        logits = b.linear(x, "lm_head", lm_head_weight, None, b.lm_head_bits)
+        logits = b.linear(x, "lm_head", lm_head_weight, None, b.lm_head_bits, final_norm)
     if b.np_dtype != np.float32:
         logits = g.node("Cast", [logits], "logits/f32", to=TensorProto.FLOAT)
     g.node_to("Identity", [logits], ["logits"])

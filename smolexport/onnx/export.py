@@ -24,13 +24,17 @@ from .presets import preset
 
 QUANT_MODES = ("int4", "int8", "fp16", "fp32")
 ALGOS = ("rtn", "mse", "act-mse", "awq", "gptq")
+SCALE_FORMATS = ("fp16", "log8")
 MODEL_FILE = "model.onnx"
 
 
 @dataclass(frozen=True)
 class OnnxExportOptions:
     quant: str | None = None  # None: the preset's, else int4
-    block_size: int = 32
+    block_size: int | None = None  # None: the preset's, else 32
+    # Block scales: "fp16", or "log8" (8-bit log codes and one fp32 scale per row, see quantize.py), which
+    # makes blocks of 16 cost about what fp16-scaled blocks of 32 do. None: the preset's, else fp16.
+    scales: str | None = None
     # Bits for the embedding / lm_head matrix (stored once when tied); None = the same as the other weights.
     lm_head_bits: int | None = None
     # Longest sequence (prompt + generated) the export accepts; None = the model's max_position_embeddings.
@@ -74,8 +78,11 @@ class OnnxExportOptions:
             raise UsageError(f"unknown algo {algo!r}: choose one of {', '.join(ALGOS)}")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise UsageError(f"accuracy level must be 0 to 4, got {self.accuracy_level}")
-        if self.block_size not in (16, 32, 64, 128, 256):
-            raise UsageError(f"block size must be 16, 32, 64, 128 or 256, got {self.block_size}")
+        block_size, scales = self.resolved("block_size", 32), self.resolved("scales", "fp16")
+        if block_size not in (16, 32, 64, 128, 256):
+            raise UsageError(f"block size must be 16, 32, 64, 128 or 256, got {block_size}")
+        if scales not in SCALE_FORMATS:
+            raise UsageError(f"unknown scale format {scales!r}: choose one of {', '.join(SCALE_FORMATS)}")
         context = self.context_length or max_positions
         if not 0 < context <= max_positions:
             raise UsageError(f"context length must be between 1 and the model's {max_positions}, got {context}")
@@ -83,12 +90,13 @@ class OnnxExportOptions:
             activation_dtype="fp16" if quant == "fp16" else "fp32",
             weight_bits=bits,
             lm_head_bits=self.lm_head_bits or bits,
-            block_size=self.block_size,
+            block_size=block_size,
             context_length=context,
             fused=self.fused,
             accuracy_level=self.accuracy_level,
             algo=algo,
             int8_layers=int8_layers,
+            log8_scales=scales == "log8",
         )
 
 
@@ -167,6 +175,7 @@ def _manifest(
             "weight_bits": decoder.weight_bits,
             "lm_head_bits": decoder.lm_head_bits,
             "block_size": decoder.block_size if decoder.weight_bits else None,
+            "scales": ("log8" if decoder.log8_scales else "fp16") if decoder.weight_bits else None,
             # Mixed precision (int4 only): the patterns asked for and the matrices they raised to 8 bits
             # (graph name -> block size).
             "int8_layers": list(decoder.int8_layers),

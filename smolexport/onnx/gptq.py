@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .quantize import SHRINK_GRID, BlockQuantized, pack_blocks, search_grid
+from .quantize import SHRINK_GRID, BlockQuantized, pack_blocks, row_scales, search_grid
 
 DAMPING = 0.01  # fraction of mean(diag(H)) added to the diagonal: H from a few hundred tokens is often singular
 LAZY_COLUMNS = 128  # columns updated together (a multiple of every block size we use)
@@ -32,10 +32,16 @@ def inverse_hessian_factor(hessian: np.ndarray, damping: float = DAMPING) -> np.
 
 
 def gptq_quantize(
-    weight: np.ndarray, hessian: np.ndarray, bits: int, block_size: int, scale_dtype=np.float32
+    weight: np.ndarray,
+    hessian: np.ndarray,
+    bits: int,
+    block_size: int,
+    scale_dtype=np.float32,
+    log8_scales: bool = False,
 ) -> BlockQuantized:
     """Quantizes W [N, K] block-wise along K (layout as `quantize_blockwise`), minimizing the output error
-    under the input second moments `hessian` [K, K] (X.T X / T)."""
+    under the input second moments `hessian` [K, K] (X.T X / T). log8 scales are relative to the row scales
+    of W as given (updated columns that outgrow them are clipped)."""
     n, k = weight.shape
     n_blocks = -(-k // block_size)
     padded_k = n_blocks * block_size
@@ -51,6 +57,8 @@ def gptq_quantize(
     q = np.empty((n, padded_k), np.uint8)
     scales = np.empty((n, n_blocks), scale_dtype)
     zero_points = np.empty((n, n_blocks), np.uint8)
+    rows = row_scales(w.reshape(n, n_blocks, block_size), bits) if log8_scales else None
+    codes = np.empty((n, n_blocks), np.uint8) if log8_scales else None
     lazy = max(LAZY_COLUMNS, block_size)
     for start in range(0, padded_k, lazy):
         end = min(start + lazy, padded_k)
@@ -63,8 +71,10 @@ def gptq_quantize(
                 b = col // block_size
                 block = w1[:, i : i + block_size][:, None, :]
                 weights = importance[col : col + block_size].reshape(1, 1, -1)
-                _, s, z = search_grid(block, qmax, scale_dtype, SHRINK_GRID, weights)
+                _, s, z, c = search_grid(block, qmax, scale_dtype, SHRINK_GRID, weights, rows)
                 scales[:, b], zero_points[:, b] = s[:, 0], z[:, 0]
+                if codes is not None:
+                    codes[:, b] = c[:, 0]
                 step = np.where(s[:, 0] == 0, 1.0, s[:, 0].astype(np.float32))
                 zero = z[:, 0].astype(np.float32)
             column = w1[:, i]
@@ -74,4 +84,4 @@ def gptq_quantize(
             w1[:, i:] -= err[:, None] * u1[i, i:][None, :]
             errors[:, i] = err
         w[:, end:] -= errors @ u[start:end, end:]
-    return pack_blocks(q.reshape(n, n_blocks, block_size), scales, zero_points, bits, block_size, k)
+    return pack_blocks(q.reshape(n, n_blocks, block_size), scales, zero_points, bits, block_size, k, codes, rows)

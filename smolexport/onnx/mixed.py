@@ -3,7 +3,8 @@
 Matrices are named as in the checkpoint, without the "model." prefix and "self_attn."/"mlp." parts:
 `embed_tokens` (also the lm_head when tied), `lm_head` (untied), `layers.N.q_proj`, `k_proj`, `v_proj`,
 `o_proj`, `gate_proj`, `up_proj`, `down_proj`. Patterns are shell-style (fnmatch), e.g. `embed_tokens`,
-`layers.0.*`, `*.down_proj`. The fused graph packs q/k/v and gate/up into one MatMulNBits each (one bit width
+`layers.0.*`, `*.down_proj`; negative layer numbers count from the end (`layers.-1.*` is the last layer), so
+one recipe fits models of any depth. The fused graph packs q/k/v and gate/up into one MatMulNBits each (one bit width
 per node): a packed matrix gets 8 bits when any of its parts matches.
 
 8-bit matrices use wide blocks (`int8_block_size`): at 8 bits a block's range costs little precision, and the
@@ -20,7 +21,7 @@ from ..errors import UsageError
 INT8_BLOCK_SIZES = (128, 64, 32)
 PACKED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 KNOWN = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-CANDIDATES = ("embed_tokens", "lm_head", *(f"layers.{i}.{name}" for i in range(1000) for name in KNOWN))
+CANDIDATES = ("embed_tokens", "lm_head", *(f"layers.{i}.{name}" for i in range(-1000, 1000) for name in KNOWN))
 
 
 def parse_patterns(text: str | None) -> tuple[str, ...]:
@@ -35,18 +36,20 @@ def parse_patterns(text: str | None) -> tuple[str, ...]:
     return patterns
 
 
-def matrix_parts(graph_name: str) -> list[str]:
+def matrix_parts(graph_name: str, num_layers: int | None = None) -> list[str]:
     """Checkpoint-style names of the matrices in a graph weight, e.g. 'layers.3.attn.qkv_proj' ->
-    ['layers.3.q_proj', 'layers.3.k_proj', 'layers.3.v_proj']."""
+    ['layers.3.q_proj', 'layers.3.k_proj', 'layers.3.v_proj']; with `num_layers`, also each name with its
+    layer counted from the end ('layers.-1.q_proj' for the last layer)."""
     parts = graph_name.split(".")
     if parts[0] != "layers":
         return [graph_name]
-    prefix, last = ".".join(parts[:2]), parts[-1]
-    return [f"{prefix}.{p}" for p in PACKED_PARTS.get(last, (last,))]
+    last = parts[-1]
+    layers = [parts[1]] if num_layers is None else [parts[1], str(int(parts[1]) - num_layers)]
+    return [f"layers.{i}.{p}" for i in layers for p in PACKED_PARTS.get(last, (last,))]
 
 
-def wants_int8(patterns: tuple[str, ...], graph_name: str) -> bool:
-    return any(fnmatchcase(part, p) for part in matrix_parts(graph_name) for p in patterns)
+def wants_int8(patterns: tuple[str, ...], graph_name: str, num_layers: int | None = None) -> bool:
+    return any(fnmatchcase(part, p) for part in matrix_parts(graph_name, num_layers) for p in patterns)
 
 
 def int8_block_size(k: int) -> int:

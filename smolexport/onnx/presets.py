@@ -8,10 +8,18 @@ from __future__ import annotations
 from ..errors import UsageError
 
 PRESETS: dict[str, dict] = {
-    # int4 with activation-aware channel scaling and the activation-weighted clipping search (algo awq); kept
-    # at 8 bits: the embedding/lm_head and v_proj, the matrices whose int4 error costs most
-    # (benchmarks/sensitivity.py; v_proj per parameter by far). SmolLM2-135M-Instruct: 1.14x plain int4's size.
-    "quality": {"quant": "int4", "algo": "awq", "int8_layers": "embed_tokens,lm_head,*.v_proj"},
+    # int4 in blocks of 16 with log8 scales (about the size of fp16-scaled blocks of 32), activation-aware
+    # channel scaling and the activation-weighted clipping search (algo awq; the lm_head by GPTQ); kept at 8
+    # bits: every v_proj (per weight the most sensitive matrix: grouped-query attention's few KV heads feed
+    # every query head) and the first two and last two layers. Chosen on the held-out dev set
+    # (benchmarks/sensitivity.py --dev), see docs/quantization.md. SmolLM2-135M-Instruct: 1.14x plain int4.
+    "quality": {
+        "quant": "int4",
+        "algo": "awq",
+        "block_size": 16,
+        "scales": "log8",
+        "int8_layers": "*.v_proj,layers.0.*,layers.1.*,layers.-2.*,layers.-1.*",
+    },
 }
 
 

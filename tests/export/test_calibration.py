@@ -31,6 +31,8 @@ def test_calibration_hidden_states_match_transformers(tiny_models):
             down = power["down"].power
             assert down.shape == (model.config.intermediate_size,) and np.all(down >= 0)
             np.testing.assert_allclose(np.diag(power["down"].hessian()), down, rtol=1e-4)
+        final = calibration.final(state["model.norm.weight"]).x  # the lm_head's inputs
+        np.testing.assert_allclose(final, hidden[-1][0].numpy(), atol=1e-4, rtol=1e-4)
 
 
 def test_act_mse_export_records_its_calibration(tiny_models, tmp_path):

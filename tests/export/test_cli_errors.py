@@ -85,6 +85,16 @@ def test_unknown_quant_is_a_usage_error(tiny_models, tmp_path):
     assert result.exit_code == 2 and "int3" in result.output
 
 
+def test_block_size_and_scale_flags_reach_the_export(tiny_models, tmp_path):
+    args = ["onnx", "--model", tiny_models["gqa_tied"][0], "--block-size", "16", "--scales", "log8", "-q"]
+    result = run_cli(*args, "--output", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    quant = json.loads((tmp_path / "out" / "smolexport.json").read_text())["quant"]
+    assert quant["block_size"] == 16 and quant["scales"] == "log8" and quant["mode"] == "int4"
+    result = run_cli(*args[:-3], "--scales", "log4", "--output", tmp_path / "bad")
+    assert result.exit_code == 2 and "log4" in result.output
+
+
 def test_existing_output_is_refused_without_force(tiny_models, tiny_export, tmp_path):
     before = sorted(p.name for p in tiny_export.iterdir())
     result = run_cli("onnx", "--model", tiny_models["gqa_tied"][0], "--output", tiny_export, "-q")

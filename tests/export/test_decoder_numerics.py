@@ -6,6 +6,7 @@ import copy
 import json
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -38,23 +39,21 @@ def torch_logits(model, ids, mask, positions):
         ).logits.numpy()
 
 
-def quantized_copy(model, bits: int, block: int, lm_head_bits: int | None = None, algo: str = "rtn"):
-    """The torch model with every linear weight replaced by what the int kernels compute with (fp16 scales, as
-    the exporter stores them)."""
+def quantized_copy(model, bits: int, block: int, lm_head_bits: int | None = None, algo: str = "rtn", log8=False):
+    """The torch model with every linear weight replaced by what the int kernels compute with (fp16 or log8
+    scales, as the exporter stores them)."""
     q = copy.deepcopy(model)
+
+    def dequantized(weight, b):
+        qw = quantize_blockwise(weight.numpy(), b, block, np.float16, algo=algo, log8_scales=log8)
+        return torch.from_numpy(dequantize_blockwise(qw))
+
     with torch.no_grad():
         for name, module in q.named_modules():
             if isinstance(module, torch.nn.Linear):
-                b = (lm_head_bits or bits) if name == "lm_head" else bits
-                w = dequantize_blockwise(quantize_blockwise(module.weight.numpy(), b, block, np.float16, algo=algo))
-                module.weight.copy_(torch.from_numpy(w))
+                module.weight.copy_(dequantized(module.weight, (lm_head_bits or bits) if name == "lm_head" else bits))
         if not q.config.tie_word_embeddings:  # untied embedding is quantized on its own
-            emb = q.model.embed_tokens.weight
-            emb.copy_(
-                torch.from_numpy(
-                    dequantize_blockwise(quantize_blockwise(emb.numpy(), bits, block, np.float16, algo=algo))
-                )
-            )
+            q.model.embed_tokens.weight.copy_(dequantized(q.model.embed_tokens.weight, bits))
     return q
 
 
@@ -142,6 +141,28 @@ def test_mse_algo_export_computes_with_its_own_grid(tiny_models, tmp_path):
     np.testing.assert_allclose(out["logits"], expected, atol=1e-3, rtol=0)
 
 
+@pytest.mark.parametrize("graph", ["fused", "standard"])
+@pytest.mark.parametrize("which", ["gqa_tied", "mha_untied"])
+def test_log8_scales_export_computes_with_its_decoded_scales(tiny_models, tmp_path, which, graph):
+    """Blocks of 16 with 8-bit log-coded scales: the graph decodes the codes into exactly the scales the
+    quantizer rounded with, and stores no fp16 block scales."""
+    folder, model = tiny_models[which]
+    options = OnnxExportOptions(quant="int4", algo="mse", block_size=16, scales="log8", accuracy_level=0,
+                                fused=graph == "fused")  # fmt: skip
+    manifest = export_onnx(str(folder), tmp_path / "e", options)
+    assert manifest["quant"]["scales"] == "log8" and manifest["quant"]["block_size"] == 16
+    ids, mask, positions = prompt_batch(model.config.vocab_size, padded=graph == "standard")
+    out = run_onnx(tmp_path / "e", manifest, {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
+                                              **empty_cache(manifest, 2)})  # fmt: skip
+    expected = torch_logits(quantized_copy(model, 4, 16, algo="mse", log8=True), ids, mask, positions)
+    real = mask.astype(bool)
+    np.testing.assert_allclose(out["logits"][real], expected[real], atol=1e-3, rtol=0)
+    graph_proto = onnx.load(str(tmp_path / "e" / "model.onnx"), load_external_data=False).graph
+    names = {t.name: t.data_type for t in graph_proto.initializer}
+    assert not [n for n in names if n.endswith(".scales")]
+    assert names["embed_tokens.scale_codes"] == onnx.TensorProto.UINT8
+
+
 @pytest.mark.parametrize("quant", ["int8", "int4"])
 def test_accuracy_level_4_stays_close_to_exact_weights(tiny_models, tmp_path, quant):
     """The default accuracy_level 4 quantizes activations to int8 inside MatMulNBits: close to, not equal to,
@@ -156,3 +177,18 @@ def test_accuracy_level_4_stays_close_to_exact_weights(tiny_models, tmp_path, qu
     diff = np.abs(out["logits"] - expected)
     assert 1e-4 < diff.max() < 0.05 * np.abs(expected).max()  # int8 activations: not exact, but close
     assert (out["logits"].argmax(-1) == expected.argmax(-1)).mean() >= 0.9
+
+
+def test_log8_scale_decoding_is_folded_when_onnx_runtime_loads_the_model(tiny_models, tmp_path):
+    """The scale-decoding ops read only initializers: ONNX Runtime must fold them into constants at load (so
+    no per-token work, and MatMulNBits prepacks constant scales), leaving no Gather/Mul on the scale codes."""
+    folder, _ = tiny_models["gqa_tied"]
+    export_onnx(str(folder), tmp_path / "e", OnnxExportOptions(quant="int4", block_size=16, scales="log8"))
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(tmp_path / "e" / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    built = onnx.load(str(tmp_path / "e" / "model.onnx"), load_external_data=False).graph.node
+    optimized = onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False).graph.node
+    assert any(n.name.endswith(".scales/decode") for n in built)
+    assert not [n.name for n in optimized if ".scales/" in n.name]
+    assert any(n.op_type == "MatMulNBits" for n in optimized)

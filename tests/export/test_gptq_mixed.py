@@ -54,6 +54,11 @@ def test_int8_patterns_name_matrices_as_the_checkpoint_does():
     assert matrix_parts("layers.3.attn.qkv_proj") == ["layers.3.q_proj", "layers.3.k_proj", "layers.3.v_proj"]
     assert wants_int8(("*.v_proj",), "layers.3.attn.qkv_proj")  # a packed matrix: any part decides
     assert wants_int8(("layers.1.*",), "layers.1.mlp.down_proj") and not wants_int8(("layers.1.*",), "embed_tokens")
+    # negative layer numbers count from the end of the model
+    assert wants_int8(("layers.-1.*",), "layers.29.mlp.down_proj", num_layers=30)
+    assert not wants_int8(("layers.-1.*",), "layers.29.mlp.down_proj", num_layers=31)
+    assert wants_int8(("layers.-2.*",), "layers.22.attn.qkv_proj", num_layers=24)
+    assert parse_patterns("layers.-2.*") == ("layers.-2.*",)
     assert parse_patterns(" embed_tokens, *.down_proj ") == ("embed_tokens", "*.down_proj")
     with pytest.raises(UsageError, match="matches no weight matrix"):
         parse_patterns("layers.0.mlp.down_proj")  # graph-style names are not accepted: a typo would do nothing
@@ -76,11 +81,18 @@ def reference_model(model, calibration_ids, int8, embed_bits: int):
                 bits, block = (8, 128 if weight.shape[1] % 128 == 0 else 64) if int8(i, key) else (4, 32)
                 deq = dequantize_blockwise(gptq_quantize(weight, inputs[ROLES[key]].hessian(), bits, block, np.float16))
                 params[f"model.layers.{i}.{path}.weight"].copy_(torch.from_numpy(deq))
+        # The lm_head (the tied embedding, or the untied lm_head) is GPTQ-quantized on the final-normed hidden
+        # states; an untied embedding, only gathered, has no calibration input: plain mse search.
         block = 64 if embed_bits == 8 else 32  # hidden 64
-        for name in ("model.embed_tokens.weight", "lm_head.weight"):  # no calibration input: plain mse search
-            if name in params:
-                deq = dequantize_blockwise(quantize_blockwise(state[name], embed_bits, block, np.float16, algo="mse"))
-                params[name].copy_(torch.from_numpy(deq))
+        final_hessian = calibration.final(state["model.norm.weight"]).hessian()
+        for name in ("model.embed_tokens.weight", "lm_head.weight"):
+            if name not in params:
+                continue
+            if name == "lm_head.weight" or config.tie_word_embeddings:
+                qw = gptq_quantize(state[name], final_hessian, embed_bits, block, np.float16)
+            else:
+                qw = quantize_blockwise(state[name], embed_bits, block, np.float16, algo="mse")
+            params[name].copy_(torch.from_numpy(dequantize_blockwise(qw)))
     return q
 
 
@@ -146,11 +158,18 @@ def test_quality_preset_fills_options_and_is_recorded(tiny_models, tmp_path):
     quant = json.loads((tmp_path / "e" / "smolexport.json").read_text())["quant"]
     assert quant == manifest["quant"]
     assert quant["preset"] == "quality" and quant["mode"] == "int4" and quant["algo"] == "awq"
-    assert quant["int8_matrices"] == {"embed_tokens": 64, "layers.0.attn.v_proj": 64, "layers.1.attn.v_proj": 64}
+    assert quant["block_size"] == 16 and quant["scales"] == "log8"
+    # the tiny model's two layers are both "first two" and "last two": all their matrices at 8 bits, the
+    # embedding/lm_head at 4
+    packed = ("attn.qkv_proj", "attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+    assert set(quant["int8_matrices"]) == {f"layers.{i}.{m}" for i in (0, 1) for m in packed}
     # an explicit option wins over the preset's
-    manifest = export_onnx(
-        str(folder), tmp_path / "r", OnnxExportOptions(preset="quality", algo="rtn", calibration_file=text)
+    options = OnnxExportOptions(
+        preset="quality", algo="rtn", int8_layers="*.v_proj", block_size=32, calibration_file=text
     )
+    manifest = export_onnx(str(folder), tmp_path / "r", options)
     assert manifest["quant"]["algo"] == "rtn" and manifest["quant"]["calibration"] is None
+    assert manifest["quant"]["block_size"] == 32 and manifest["quant"]["scales"] == "log8"
+    assert set(manifest["quant"]["int8_matrices"]) == {"layers.0.attn.v_proj", "layers.1.attn.v_proj"}
     with pytest.raises(UsageError, match="int4 only"):
         export_onnx(str(folder), tmp_path / "x", OnnxExportOptions(quant="int8", int8_layers="embed_tokens"))

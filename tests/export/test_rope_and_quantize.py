@@ -91,3 +91,32 @@ def test_prequantized_checkpoints_are_refused_but_gguf_is_not():
         LlamaConfig.from_dict({**base, "quantization_config": {"quant_method": "gptq", "bits": 4}})
     # transformers dequantizes GGUF files on load and leaves this marker in the config
     LlamaConfig.from_dict({**base, "quantization_config": {"quant_method": "QuantizationMethod.GGUF"}})
+
+
+def test_log8_scales_decode_to_the_scales_used_and_cost_little():
+    """log8 codes and row scales give back exactly the (fp16-rounded) scales the weights were rounded with, in
+    half the bytes of fp16 scales at blocks of 16, for about the same error (the search picks representable
+    scales); GPTQ's log8 scales decode the same way."""
+    from smolexport.onnx.gptq import gptq_quantize
+    from smolexport.onnx.quantize import LOG8_TABLE
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 392)).astype(np.float32)  # K=392: a partial last block
+    w[:, :3] *= 10
+    x = rng.standard_normal((600, 392)).astype(np.float32)
+    variants = {
+        algo: (
+            quantize_blockwise(w, 4, 16, np.float16, algo=algo),
+            quantize_blockwise(w, 4, 16, np.float16, algo=algo, log8_scales=True),
+        )
+        for algo in ("rtn", "mse")
+    }
+    h = x.astype(np.float64).T @ x / len(x)
+    variants["gptq"] = (gptq_quantize(w, h, 4, 16, np.float16), gptq_quantize(w, h, 4, 16, np.float16, True))
+    for algo, (fp16, log8) in variants.items():
+        decoded = (log8.row_scales * LOG8_TABLE[log8.scale_codes]).astype(np.float16)
+        np.testing.assert_array_equal(decoded, log8.scales)
+        scale_bytes = log8.scale_codes.nbytes + log8.row_scales.nbytes
+        assert scale_bytes < 0.6 * fp16.scales.astype(np.float16).nbytes, algo
+        error = {name: np.square(dequantize_blockwise(qw) - w).mean() for name, qw in (("fp16", fp16), ("log8", log8))}
+        assert error["log8"] < 1.05 * error["fp16"], (algo, error)
