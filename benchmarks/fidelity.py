@@ -58,6 +58,7 @@ OURS = {
     "smolexport int4 awq": ["--quant", "int4", "--algo", "awq"],
     "smolexport int4 awq, blocks of 16, log8 scales": ["--algo", "awq", "--block-size", "16", "--scales", "log8"],
     "smolexport int4 --preset quality": ["--preset", "quality"],
+    "smolexport int4 --preset quality-plus": ["--preset", "quality-plus"],
 }
 GGUF_TYPES = ["Q8_0", "Q4_K_M", "Q4_0"]
 

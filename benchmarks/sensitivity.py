@@ -8,10 +8,13 @@ next-token distributions and top-1 agreement. No ONNX export, so a variant takes
   --scan GROUPS: quantize one group of matrices at a time (the rest stay float) and rank the groups by KL.
   --variants: whole-model variants (algo + --int8-layers patterns), e.g. to choose a preset.
 
-The default text is docs/export-folder.md: neither the calibration text nor validation's inputs.
+The default text is docs/export-folder.md: neither the calibration text nor validation's inputs. `--dev` scores
+on the held-out dev set instead (benchmarks/dev: chat prompts with the float model's answers, and two texts),
+pooled like `smolexport validate`; variants may end in `:option=value,...` (DecoderOptions fields).
 
   .venv/bin/python benchmarks/sensitivity.py --model benchmarks/work/smollm2-135m-instruct-degrid --scan
   .venv/bin/python benchmarks/sensitivity.py --model DIR --variants "rtn:" "gptq:embed_tokens,lm_head"
+  .venv/bin/python benchmarks/sensitivity.py --model DIR --dev --variants "awq:*.v_proj:block_size=16,log8_scales=1"
 """
 
 from __future__ import annotations

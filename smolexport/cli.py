@@ -49,7 +49,8 @@ def main():
     type=click.Choice(sorted(PRESETS)),
     default=None,
     help="A measured recipe: 'quality' = int4 --algo awq in blocks of 16 with log8 scales, v_proj and the first "
-    "and last two layers at 8 bits (docs/quantization.md). Flags given explicitly override it.",
+    "and last two layers at 8 bits; 'quality-plus' = the same with the embedding/lm_head at 8 bits too "
+    "(docs/quantization.md). Flags given explicitly override it.",
 )
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="Export folder to create.")
 @click.option(

@@ -106,7 +106,7 @@ def test_serve_command(tiny_export):
             assert json.load(response)["usage"]["completion_tokens"] == 3
     finally:
         proc.send_signal(signal.SIGINT)
-        proc.wait(10)
+        proc.wait(60)  # a clean exit is what is tested; a loaded 2-core CI machine once needed over 10 s
     assert proc.returncode == 0
 
 

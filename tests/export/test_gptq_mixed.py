@@ -163,6 +163,8 @@ def test_quality_preset_fills_options_and_is_recorded(tiny_models, tmp_path):
     # embedding/lm_head at 4
     packed = ("attn.qkv_proj", "attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
     assert set(quant["int8_matrices"]) == {f"layers.{i}.{m}" for i in (0, 1) for m in packed}
+    plus = export_onnx(str(folder), tmp_path / "p", OnnxExportOptions(preset="quality-plus", calibration_file=text))
+    assert set(plus["quant"]["int8_matrices"]) == set(quant["int8_matrices"]) | {"embed_tokens"}
     # an explicit option wins over the preset's
     options = OnnxExportOptions(
         preset="quality", algo="rtn", int8_layers="*.v_proj", block_size=32, calibration_file=text
