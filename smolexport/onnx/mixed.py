@@ -49,7 +49,11 @@ def matrix_parts(graph_name: str, num_layers: int | None = None) -> list[str]:
 
 
 def wants_int8(patterns: tuple[str, ...], graph_name: str, num_layers: int | None = None) -> bool:
-    return any(fnmatchcase(part, p) for part in matrix_parts(graph_name, num_layers) for p in patterns)
+    """Whether any pattern matches a part of the graph weight. Only patterns that name a negative layer see the
+    counted-from-the-end names, so that e.g. `layers.*1.*` keeps meaning layers 1, 11, 21..."""
+    positive = matrix_parts(graph_name)
+    both = matrix_parts(graph_name, num_layers)
+    return any(fnmatchcase(part, p) for p in patterns for part in (both if "layers.-" in p else positive))
 
 
 def int8_block_size(k: int) -> int:

@@ -58,6 +58,7 @@ def test_int8_patterns_name_matrices_as_the_checkpoint_does():
     assert wants_int8(("layers.-1.*",), "layers.29.mlp.down_proj", num_layers=30)
     assert not wants_int8(("layers.-1.*",), "layers.29.mlp.down_proj", num_layers=31)
     assert wants_int8(("layers.-2.*",), "layers.22.attn.qkv_proj", num_layers=24)
+    assert not wants_int8(("layers.*1.*",), "layers.29.mlp.down_proj", num_layers=30)  # no alias without a "-"
     assert parse_patterns("layers.-2.*") == ("layers.-2.*",)
     assert parse_patterns(" embed_tokens, *.down_proj ") == ("embed_tokens", "*.down_proj")
     with pytest.raises(UsageError, match="matches no weight matrix"):
