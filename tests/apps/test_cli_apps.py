@@ -90,12 +90,20 @@ def test_chat_command_in_a_real_process(tiny_export, tiny_model):
 
 
 def test_serve_command(tiny_export, tmp_path):
-    # stderr goes to a file, not a pipe nobody drains after the first line: a server that logs more than a pipe
-    # holds would block on write and never see Ctrl-C (a CI run once hung here).
+    # stderr goes to a file, not a pipe nobody drains after the first line, and ends up in the failure message.
     log = tmp_path / "serve.log"
     cmd = [sys.executable, "-c", "from smolexport.cli import main; main()", "serve", str(tiny_export)]
+
+    # Ctrl-C's default action, whatever this process inherited: a test run started as a background job has
+    # SIGINT ignored, children inherit that, and Python then never raises KeyboardInterrupt.
+    def default_sigint():
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
     with open(log, "w") as stderr:
-        proc = subprocess.Popen([*cmd, "--port", "0", "--api-key", "k"], cwd=REPO.parent, stderr=stderr, text=True)
+        proc = subprocess.Popen(
+            [*cmd, "--port", "0", "--api-key", "k"], cwd=REPO.parent, stderr=stderr, text=True,
+            preexec_fn=default_sigint,
+        )  # fmt: skip
     try:
         match, deadline = None, time.monotonic() + 120
         while match is None and proc.poll() is None and time.monotonic() < deadline:
