@@ -65,9 +65,12 @@ class DecoderBuilder:
         self.lm_head_bits = options.lm_head_bits or options.weight_bits
         self.int8_matrices: dict[str, int] = {}  # graph name -> block size, of matrices raised to 8 bits
 
+    def _wants_int8(self, name: str) -> bool:
+        return wants_int8(self.o.int8_layers, name, self.c.num_hidden_layers)
+
     def _bits(self, name: str, bits: int | None, k: int) -> tuple[int | None, int]:
         """(bits, block size) of a matrix with k inputs: 8 bits in wide blocks where --int8-layers says so."""
-        if bits == 4 and wants_int8(self.o.int8_layers, name, self.c.num_hidden_layers):
+        if bits == 4 and self._wants_int8(name):
             self.int8_matrices[name] = int8_block_size(k)
             return 8, self.int8_matrices[name]
         return bits, self.o.block_size
@@ -111,7 +114,7 @@ class DecoderBuilder:
         is their outputs concatenated; as separate ones, concatenated, when mixed precision gives them
         different bit widths (a MatMulNBits node has one)."""
         bits = self.o.weight_bits
-        if bits == 4 and len({wants_int8(self.o.int8_layers, part[0], self.c.num_hidden_layers) for part in parts}) > 1:
+        if bits == 4 and len({self._wants_int8(part[0]) for part in parts}) > 1:
             outputs = [self.linear(x, part, weight, bias, bits, calib) for part, weight, bias in parts]
             return self.g.node("Concat", outputs, f"{name}/concat", axis=-1)
         biases = [bias for _, _, bias in parts]
@@ -166,10 +169,9 @@ class DecoderBuilder:
 
     def quantize(self, name: str, weight: np.ndarray, bits: int, block_size: int, calib: LayerInput | None = None):
         """Block-quantizes one matrix by the export's algo; without calibration inputs, act-mse/awq/gptq fall
-        back to mse. The lm_head (tied or not) is always quantized by GPTQ when calibrated: its inputs, the
-        final-normed hidden states, have a few huge channels, and GPTQ's error compensation over them cut the
-        int4 lm_head's KL to a third of the activation-weighted clipping search's on the dev set
-        (benchmarks/dev, docs/quantization.md)."""
+        back to mse. The lm_head (tied or not) is always quantized by GPTQ when calibrated, on its inputs (the
+        final-normed hidden states): on the dev set that cut the int4 lm_head's KL to about half of the
+        activation-weighted clipping search's (benchmarks/sensitivity.py --dev, docs/quantization.md)."""
         if calib is not None and (self.o.algo == "gptq" or name in ("embed_tokens", "lm_head")):
             return gptq_quantize(weight, calib.hessian(), bits, block_size, np.float16, self.o.log8_scales)
         algo = "rtn" if self.o.algo == "rtn" else "mse"  # act-mse is mse weighted by calibration activations
