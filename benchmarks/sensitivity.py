@@ -71,7 +71,13 @@ def fake_quantize(model, state: dict, config: LlamaConfig, options: DecoderOptio
 
 def _replace(b: DecoderBuilder, param, weight: np.ndarray, name: str, calib) -> None:
     from smolexport.onnx.quantize import dequantize_blockwise
+    from smolexport.onnx.vocab import VocabMatrix
 
+    if name in ("embed_tokens", "lm_head"):  # row ranges as the exporter splits them (int8_vocab)
+        parts = VocabMatrix(b, name, weight, 4).parts
+        rows = [b.quantize(name, weight[p.start : p.stop], p.bits, p.block_size, calib) for p in parts]
+        param.data = torch.from_numpy(np.concatenate([dequantize_blockwise(qw) for qw in rows]))
+        return
     bits, block = b._bits(name, 4, weight.shape[1])
     param.data = torch.from_numpy(dequantize_blockwise(b.quantize(name, weight, bits, block, calib)))
 

@@ -48,9 +48,10 @@ def main():
     "--preset",
     type=click.Choice(sorted(PRESETS)),
     default=None,
-    help="A measured recipe: 'quality' = int4 --algo awq in blocks of 16 with log8 scales, v_proj and the first "
-    "and last two layers at 8 bits; 'quality-plus' = the same with the embedding/lm_head at 8 bits too "
-    "(docs/quantization.md). Flags given explicitly override it.",
+    help="A measured recipe: 'quality' = int4 --algo awq in blocks of 16 with log8 scales, v_proj, the first and "
+    "last layer and the embedding/lm_head rows of the 16,384 lowest token ids at 8 bits; 'quality-plus' = the "
+    "whole embedding/lm_head and the first and last two layers at 8 bits (docs/quantization.md). Flags given "
+    "explicitly override it.",
 )
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="Export folder to create.")
 @click.option(
@@ -94,6 +95,14 @@ def main():
     help="int4 only: comma-separated matrices kept at 8 bits, e.g. 'embed_tokens,lm_head,layers.0.*,*.down_proj'.",
 )
 @click.option(
+    "--int8-vocab",
+    type=click.IntRange(0),
+    default=None,
+    metavar="N",
+    help="int4 only: keep the embedding/lm_head rows of the first N token ids (a BPE vocabulary's common tokens) "
+    "at 8 bits  [default: 0, or the preset's]",
+)
+@click.option(
     "--calibration",
     "calibration_file",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -127,6 +136,7 @@ def onnx_command(
     context_length,
     algo,
     int8_layers,
+    int8_vocab,
     calibration_file,
     standard_ops,
     accuracy_level,
@@ -144,6 +154,7 @@ def onnx_command(
         accuracy_level=accuracy_level,
         algo=algo,
         int8_layers=int8_layers,
+        int8_vocab=int8_vocab,
         preset=preset,
         calibration_file=calibration_file,
         force=force,

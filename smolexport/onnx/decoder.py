@@ -4,8 +4,8 @@ Inputs:  input_ids [B, S] int64, attention_mask [B, P+S] int64, position_ids [B,
          past_key_values.{i}.key|value [B, kv_heads, P, head_dim]
 Outputs: logits [B, S, vocab] float32, present.{i}.key|value [B, kv_heads, P+S, head_dim]
 
-Only standard ONNX ops plus two ONNX Runtime contrib ops for quantized weights (MatMulNBits for linear
-layers, GatherBlockQuantized for the embedding). Layers are built one at a time: read the layer's weights,
+Only standard ONNX ops plus ONNX Runtime's MatMulNBits for quantized weights (the embedding lookup
+dequantizes its rows with standard ops, vocab.py). Layers are built one at a time: read the layer's weights,
 convert/quantize them, write them to the external-data file, drop them.
 """
 
@@ -25,6 +25,7 @@ from .graph import MS_DOMAIN, GraphBuilder
 from .mixed import int8_block_size, wants_int8
 from .quantize import LOG8_TABLE, BlockQuantized, quantize_blockwise
 from .rope import rope_tables
+from .vocab import VocabMatrix
 
 FLOAT_TYPES = {"fp32": (np.float32, TensorProto.FLOAT), "fp16": (np.float16, TensorProto.FLOAT16)}
 
@@ -43,6 +44,7 @@ class DecoderOptions:
     algo: str = "rtn"  # quantization algorithm: rtn | mse | act-mse (quantize.py) | awq (awq.py) | gptq (gptq.py)
     int8_layers: tuple[str, ...] = ()  # in int4 exports, matrices kept at 8 bits (patterns, see mixed.py)
     log8_scales: bool = False  # block scales as 8-bit log codes + one fp32 scale per row (quantize.py)
+    int8_vocab: int = 0  # in int4 exports, embedding/lm_head rows of token ids below this at 8 bits (vocab.py)
 
     @property
     def calibrated(self) -> bool:
@@ -288,80 +290,6 @@ class DecoderBuilder:
         allowed = g.node("And", [causal, padding], "mask/allowed")
         return g.node("Where", [allowed, g.const(0.0, np.float32), g.const(-1e9, np.float32)], "mask/bias")
 
-    def embedding(self, weight: np.ndarray) -> tuple[str, Callable[[str], str], Callable]:
-        """Returns the embedded input_ids, a function that applies the lm_head sharing this weight, and
-        `write(calib)`, which stores the weight (quantized with the lm_head's calibration inputs, if any).
-
-        The weight is stored once: float models gather from it and multiply by it transposed (Gemm transB);
-        quantized models gather and multiply from the same packed block-quantized data.
-        """
-        g = self.g
-        vocab, hidden = weight.shape
-        bits, block_size = self._bits("embed_tokens", self.lm_head_bits, hidden)
-        if bits is None:
-            table = g.initializer("embed_tokens.weight", weight.astype(self.np_dtype))
-            embedded = g.node("Gather", [table, "input_ids"], "embed")
-
-            def lm_head(x: str) -> str:  # Gemm with transB reads the [V, H] table in place: no transposed copy
-                flat = g.node("Reshape", [x, g.const([-1, hidden])], "lm_head/flat")
-                y = g.node("Gemm", [flat, table], "lm_head", transB=1)
-                batch_seq = g.node("Shape", [x], "lm_head/x_shape", start=0, end=2)  # [B, kept]
-                shape = g.node("Concat", [batch_seq, g.const([vocab])], "lm_head/shape", axis=0)
-                return g.node("Reshape", [y, shape], "lm_head/logits")
-
-            return embedded, lm_head, lambda calib: None
-
-        # GatherBlockQuantized reads the same packed data as MatMulNBits, viewed as [V, n_blocks, block]
-        # (quantized on the last axis, one scale per row of it); 4-bit zero points are unpacked for it. The
-        # nodes only name their initializers: `write` fills them, once the calibration (if any) has reached
-        # the lm_head's inputs.
-        n_blocks = -(-hidden // block_size)
-        data, zero_points = "embed_tokens.qweight", "embed_tokens.zero_points"
-        scales = self.scales_input("embed_tokens")
-        gather_zp = "embed_tokens.gather_zero_points"
-        gather_scales = g.node("Reshape", [scales, g.const([vocab, n_blocks, 1])], "embed/scales")
-        embedded = g.node(
-            "GatherBlockQuantized",
-            [data, "input_ids", gather_scales, gather_zp],
-            "embed",
-            domain=MS_DOMAIN,
-            gather_axis=0,
-            quantize_axis=2,
-            block_size=block_size,
-            bits=bits,
-        )
-        embedded = g.node("Reshape", [embedded, g.const([0, 0, -1])], "embed/merge")
-        if n_blocks * block_size != hidden:
-            embedded = g.node("Slice", [embedded, g.const([0]), g.const([hidden]), g.const([-1])], "embed/unpad")
-
-        def lm_head(x: str) -> str:
-            return g.node(
-                "MatMulNBits",
-                [x, data, scales, zero_points],
-                "lm_head",
-                domain=MS_DOMAIN,
-                K=hidden,
-                N=vocab,
-                bits=bits,
-                block_size=block_size,
-                accuracy_level=self.o.accuracy_level,
-            )
-
-        def write(calib: LayerInput | None) -> None:
-            qw = self.quantize("embed_tokens", weight, bits, block_size, calib)
-            g.initializer(data, qw.data)
-            self.write_scales("embed_tokens", qw)
-            if self.c.tie_word_embeddings:  # the lm_head's MatMulNBits reads packed zero points
-                g.initializer(zero_points, qw.zero_points)
-            unpacked = qw.zero_points if bits == 8 else _unpack_nibbles(qw.zero_points, n_blocks)
-            g.initializer(gather_zp, unpacked.reshape(vocab, n_blocks, 1))
-
-        return embedded, lm_head, write
-
-
-def _unpack_nibbles(packed: np.ndarray, count: int) -> np.ndarray:
-    return np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(packed.shape[0], -1)[:, :count].copy()
-
 
 def build_decoder(
     g: GraphBuilder,
@@ -386,7 +314,8 @@ def build_decoder(
             g.input(io[key], float_type, ["batch", c.num_key_value_heads, "past_seq", c.head_dim])
 
     embed = get_weight("model.embed_tokens.weight")
-    x, tied_lm_head, write_embedding = b.embedding(embed)
+    embedding = VocabMatrix(b, "embed_tokens", embed, b.lm_head_bits)
+    x = embedding.lookup("input_ids")
     calibration = None
     if options.calibrated:
         if not calibration_ids:
@@ -394,7 +323,7 @@ def build_decoder(
         calibration = Calibration(c, embed, calibration_ids)
     lm_head_weight = None if c.tie_word_embeddings else get_weight("lm_head.weight")
     if lm_head_weight is not None or calibration is None:
-        write_embedding(None)  # only the tied lm_head waits for the calibration to reach its inputs
+        embedding.write(None)  # only the tied lm_head waits for the calibration to reach its inputs
     del embed
 
     cos_table, sin_table = rope_tables(c, options.context_length)
@@ -410,11 +339,13 @@ def build_decoder(
     x = g.node("Slice", [x, start, g.const([2**62]), g.const([1])], "logits_to_keep/slice")
     final_norm = calibration.final(get_weight("model.norm.weight")) if calibration is not None else None
     if lm_head_weight is None:
-        logits = tied_lm_head(x)
+        logits = embedding.project(x)
         if calibration is not None:
-            write_embedding(final_norm)
+            embedding.write(final_norm)
     else:  # untied: a separate [vocab, hidden] matrix
-        logits = b.linear(x, "lm_head", lm_head_weight, None, b.lm_head_bits, final_norm)
+        lm_head = VocabMatrix(b, "lm_head", lm_head_weight, b.lm_head_bits)
+        logits = lm_head.project(x)
+        lm_head.write(final_norm)
     if b.np_dtype != np.float32:
         logits = g.node("Cast", [logits], "logits/f32", to=TensorProto.FLOAT)
     g.node_to("Identity", [logits], ["logits"])

@@ -54,6 +54,9 @@ class OnnxExportOptions:
     calibration_file: Path | None = None  # text for act-mse/gptq; None = the built-in calibration text
     # int4 only: comma-separated patterns of matrices kept at 8 bits (see mixed.py). None: the preset's.
     int8_layers: str | None = None
+    # int4 only: rows of the embedding/lm_head for the token ids below this kept at 8 bits (vocab.py: low ids
+    # are a BPE vocabulary's common tokens). None: the preset's, else 0.
+    int8_vocab: int | None = None
     preset: str | None = None  # a named recipe (presets.py) filling the options left None
     force: bool = False
 
@@ -72,6 +75,11 @@ class OnnxExportOptions:
         bits = {"int4": 4, "int8": 8}.get(quant)
         if int8_layers and bits != 4:
             raise UsageError("--int8-layers applies to --quant int4 only")
+        int8_vocab = self.resolved("int8_vocab", 0)
+        if int8_vocab < 0:
+            raise UsageError(f"--int8-vocab takes a number of token ids, 0 or more, got {int8_vocab}")
+        if self.int8_vocab and bits != 4:  # an explicit one; a preset's is simply not used for int8/float
+            raise UsageError("--int8-vocab applies to --quant int4 only")
         if self.lm_head_bits is not None and (bits is None or self.lm_head_bits not in (4, 8)):
             raise UsageError("--lm-head-bits takes 4 or 8, with --quant int4 or int8")
         if algo not in ALGOS:
@@ -97,6 +105,7 @@ class OnnxExportOptions:
             algo=algo,
             int8_layers=int8_layers,
             log8_scales=scales == "log8",
+            int8_vocab=int8_vocab if bits == 4 else 0,
         )
 
 
@@ -180,6 +189,8 @@ def _manifest(
             # (graph name -> block size).
             "int8_layers": list(decoder.int8_layers),
             "int8_matrices": built["int8_matrices"],
+            # embedding/lm_head rows of the token ids below this at 8 bits ("embed_tokens.int8_rows" above)
+            "int8_vocab": decoder.int8_vocab,
             "activation_dtype": decoder.activation_dtype,
             "accuracy_level": decoder.accuracy_level if decoder.weight_bits else None,
         },

@@ -11,17 +11,20 @@ PRESETS: dict[str, dict] = {
     # int4 in blocks of 16 with log8 scales (about the size of fp16-scaled blocks of 32), activation-aware
     # channel scaling and the activation-weighted clipping search (algo awq; the lm_head by GPTQ); kept at 8
     # bits: every v_proj (per weight the most sensitive matrix: grouped-query attention's few KV heads feed
-    # every query head) and the first two and last two layers. Chosen on the held-out dev set
-    # (benchmarks/sensitivity.py --dev), see docs/quantization.md. SmolLM2-135M-Instruct: 1.14x plain int4.
+    # every query head), the first and the last layer, and the embedding/lm_head rows of the 16,384 lowest
+    # token ids (a BPE vocabulary's common tokens, vocab.py). Chosen on the held-out dev set
+    # (benchmarks/sensitivity.py --dev), see docs/quantization.md. SmolLM2-135M-Instruct: 1.15x plain int4.
     "quality": {
         "quant": "int4",
         "algo": "awq",
         "block_size": 16,
         "scales": "log8",
-        "int8_layers": "*.v_proj,layers.0.*,layers.1.*,layers.-2.*,layers.-1.*",
+        "int8_layers": "*.v_proj,layers.0.*,layers.-1.*",
+        "int8_vocab": 16384,
     },
-    # "quality" with the embedding/lm_head at 8 bits too: 1.28x plain int4 on SmolLM2-135M-Instruct, smaller than
-    # llama.cpp's Q4_K_M of the same weights and closer to the original on KL (docs/quantization.md).
+    # The whole embedding/lm_head at 8 bits, and the first two and last two layers: 1.28x plain int4 on
+    # SmolLM2-135M-Instruct, smaller than llama.cpp's Q4_K_M of the same weights and closer to the original on
+    # KL (docs/quantization.md).
     "quality-plus": {
         "quant": "int4",
         "algo": "awq",

@@ -4,7 +4,7 @@ A weight W [N, K] (out_features, in_features) is split along K into blocks of `b
 a float scale and an unsigned zero point, so `W ~= (q - zero_point) * scale` with q in [0, 2**bits - 1]
 (round-to-nearest over the block's range, extended to include 0 so the zero point is representable).
 
-Storage, as MatMulNBits and GatherBlockQuantized (uint8 data) read it:
+Storage, as MatMulNBits reads it (and the embedding lookup, vocab.py):
 - data  [N, n_blocks, block_size * bits / 8] uint8; 4-bit values two per byte, the even element in the low nibble
 - scales [N, n_blocks] float
 - zero_points uint8: 4 bits -> [N, ceil(n_blocks / 2)] two per byte; 8 bits -> [N, n_blocks]

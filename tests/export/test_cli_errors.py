@@ -95,6 +95,16 @@ def test_block_size_and_scale_flags_reach_the_export(tiny_models, tmp_path):
     assert result.exit_code == 2 and "log4" in result.output
 
 
+def test_int8_vocab_flag_reaches_the_export_and_is_int4_only(tiny_models, tmp_path):
+    args = ["onnx", "--model", tiny_models["gqa_tied"][0], "--int8-vocab", "100", "-q"]
+    result = run_cli(*args, "--output", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    quant = json.loads((tmp_path / "out" / "smolexport.json").read_text())["quant"]
+    assert quant["int8_vocab"] == 100 and quant["int8_matrices"] == {"embed_tokens.int8_rows": 64}
+    result = run_cli(*args, "--quant", "int8", "--output", tmp_path / "int8")
+    assert_one_line_error(result, 2, "--int8-vocab applies to --quant int4 only")
+
+
 def test_existing_output_is_refused_without_force(tiny_models, tiny_export, tmp_path):
     before = sorted(p.name for p in tiny_export.iterdir())
     result = run_cli("onnx", "--model", tiny_models["gqa_tied"][0], "--output", tiny_export, "-q")

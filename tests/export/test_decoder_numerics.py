@@ -124,9 +124,28 @@ def test_tied_weight_is_stored_once(tiny_models, tmp_path):
         export_onnx(str(folder), tmp_path / quant, OnnxExportOptions(quant=quant))
         graph = onnx.load(str(tmp_path / quant / "model.onnx"), load_external_data=False).graph
         vocab_sized = [t.name for t in graph.initializer if t.dims and t.dims[0] == model.config.vocab_size]
-        # fp32: one [V, H] table; int4: its packed data, scales and the two zero-point layouts
-        big = [n for n in vocab_sized if "zero_points" not in n and "scales" not in n]
-        assert big == ["embed_tokens.weight"] if quant == "fp32" else big == ["embed_tokens.qweight"], vocab_sized
+        # fp32: one [V, H] table; int4: its packed data, scales and zero points, read by the lm_head's MatMulNBits
+        # and by the lookup alike (no unpacked zero-point copy)
+        expected = (
+            ["embed_tokens.weight"]
+            if quant == "fp32"
+            else [f"embed_tokens.{k}" for k in ("qweight", "scales", "zero_points")]
+        )
+        assert sorted(vocab_sized) == expected
+
+
+def test_int4_lookup_of_a_padded_block_matches_pytorch(tiny_models, tmp_path):
+    """Blocks of 128 over hidden 64: one padded block per row and one zero point in a byte, which the lookup
+    unpacks and trims as MatMulNBits does."""
+    folder, model = tiny_models["mha_untied"]  # untied: the lookup's table is not also the lm_head
+    manifest = export_onnx(
+        str(folder), tmp_path / "e", OnnxExportOptions(quant="int4", block_size=128, accuracy_level=0)
+    )
+    ids, mask, positions = prompt_batch(model.config.vocab_size, padded=False)
+    out = run_onnx(tmp_path / "e", manifest, {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
+                                              **empty_cache(manifest, 2)})  # fmt: skip
+    expected = torch_logits(quantized_copy(model, 4, 128), ids, mask, positions)
+    np.testing.assert_allclose(out["logits"], expected, atol=1e-3, rtol=0)
 
 
 def test_mse_algo_export_computes_with_its_own_grid(tiny_models, tmp_path):

@@ -65,10 +65,10 @@ def test_int8_patterns_name_matrices_as_the_checkpoint_does():
         parse_patterns("layers.0.mlp.down_proj")  # graph-style names are not accepted: a typo would do nothing
 
 
-def reference_model(model, calibration_ids, int8, embed_bits: int):
+def reference_model(model, calibration_ids, int8, embed_bits: int, int8_vocab: int = 0):
     """The torch model with what the export computes with: GPTQ int4 weights, 8 bits (the widest block of
     128/64 dividing the input width) where int8(layer, key) is true, and for the embedding/lm_head when
-    embed_bits is 8."""
+    embed_bits is 8, or for their first `int8_vocab` rows."""
     state = {k: v.float().numpy() for k, v in model.state_dict().items()}
     config = LlamaConfig.from_dict(model.config.to_dict())
     calibration = Calibration(config, state["model.embed_tokens.weight"], calibration_ids)
@@ -89,25 +89,34 @@ def reference_model(model, calibration_ids, int8, embed_bits: int):
         for name in ("model.embed_tokens.weight", "lm_head.weight"):
             if name not in params:
                 continue
-            if name == "lm_head.weight" or config.tie_word_embeddings:
-                qw = gptq_quantize(state[name], final_hessian, embed_bits, block, np.float16)
-            else:
-                qw = quantize_blockwise(state[name], embed_bits, block, np.float16, algo="mse")
-            params[name].copy_(torch.from_numpy(dequantize_blockwise(qw)))
+
+            def quantized(rows, bits, block, name=name):
+                if name == "lm_head.weight" or config.tie_word_embeddings:
+                    return dequantize_blockwise(gptq_quantize(rows, final_hessian, bits, block, np.float16))
+                return dequantize_blockwise(quantize_blockwise(rows, bits, block, np.float16, algo="mse"))
+
+            weight = state[name]
+            deq = quantized(weight[int8_vocab:], embed_bits, block)
+            if int8_vocab:
+                deq = np.concatenate([quantized(weight[:int8_vocab], 8, 64), deq])
+            params[name].copy_(torch.from_numpy(deq))
     return q
 
 
-def export_and_compare(folder, model, tmp_path, graph, patterns, int8):
+def export_and_compare(folder, model, tmp_path, graph, patterns, int8, int8_vocab=0):
     text = tmp_path / "calib.txt"
     text.write_text(" ".join(f"w{(i * 7) % 300 + 3}" for i in range(300)))
     options = OnnxExportOptions(
         quant="int4", algo="gptq", int8_layers=patterns, calibration_file=text, fused=graph == "fused",
-        accuracy_level=0,
+        accuracy_level=0, int8_vocab=int8_vocab,
     )  # fmt: skip
     manifest = export_onnx(str(folder), tmp_path / "e", options)
     ids, mask, positions = prompt_batch(model.config.vocab_size, padded=graph == "standard")
     feed = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, **empty_cache(manifest, 2)}
-    reference = reference_model(model, load_calibration_ids(folder / "tokenizer.json", text), int8, embed_bits=8)
+    embed_bits = 4 if int8_vocab else 8
+    reference = reference_model(
+        model, load_calibration_ids(folder / "tokenizer.json", text), int8, embed_bits, int8_vocab
+    )
     real = mask.astype(bool)
     out = run_onnx(tmp_path / "e", manifest, feed)["logits"]
     np.testing.assert_allclose(out[real], torch_logits(reference, ids, mask, positions)[real], atol=1e-3, rtol=0)
@@ -151,6 +160,23 @@ def test_gptq_mixed_precision_export_matches_its_dequantized_weights(tiny_models
     assert bits["layers.0.attn.o_proj"] == 4 and bits["layers.1.attn.o_proj"] == 8 and bits["lm_head"] == 8
 
 
+@pytest.mark.parametrize("which", ["gqa_tied", "mha_untied"])
+def test_int8_vocab_rows_export_matches_its_dequantized_weights(tiny_models, tmp_path, which):
+    """The first 100 of 320 rows at 8 bits, the rest at 4: the lm_head's two outputs concatenated in id order,
+    the lookup choosing its table per id (prompt_batch's ids fall on both sides of 100)."""
+    folder, model = tiny_models[which]
+    manifest = export_and_compare(folder, model, tmp_path, "fused", "", lambda i, key: False, int8_vocab=100)
+    quant = manifest["quant"]
+    assert quant["int8_vocab"] == 100
+    expected = {"embed_tokens.int8_rows": 64} | ({} if which == "gqa_tied" else {"lm_head.int8_rows": 64})
+    assert quant["int8_matrices"] == expected
+    nodes = onnx.load(str(tmp_path / "e" / "model.onnx"), load_external_data=False).graph.node
+    table = "embed_tokens" if which == "gqa_tied" else "lm_head"
+    heads = sorted(n.name for n in nodes if n.op_type == "MatMulNBits" and n.name.startswith("lm_head"))
+    assert heads == [f"lm_head/{table}", f"lm_head/{table}.int8_rows"]
+    assert not any(n.op_type == "GatherBlockQuantized" for n in nodes)
+
+
 def test_quality_preset_fills_options_and_is_recorded(tiny_models, tmp_path):
     folder, _ = tiny_models["gqa_tied"]
     text = tmp_path / "calib.txt"
@@ -160,12 +186,16 @@ def test_quality_preset_fills_options_and_is_recorded(tiny_models, tmp_path):
     assert quant == manifest["quant"]
     assert quant["preset"] == "quality" and quant["mode"] == "int4" and quant["algo"] == "awq"
     assert quant["block_size"] == 16 and quant["scales"] == "log8"
-    # the tiny model's two layers are both "first two" and "last two": all their matrices at 8 bits, the
-    # embedding/lm_head at 4
+    # the tiny model's two layers are its first and its last: all their matrices at 8 bits; its 320 token ids
+    # are all below the preset's 16,384: the whole embedding/lm_head at 8 bits, as one table
     packed = ("attn.qkv_proj", "attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
-    assert set(quant["int8_matrices"]) == {f"layers.{i}.{m}" for i in (0, 1) for m in packed}
+    assert quant["int8_vocab"] == 16384
+    assert set(quant["int8_matrices"]) == {f"layers.{i}.{m}" for i in (0, 1) for m in packed} | {"embed_tokens"}
     plus = export_onnx(str(folder), tmp_path / "p", OnnxExportOptions(preset="quality-plus", calibration_file=text))
-    assert set(plus["quant"]["int8_matrices"]) == set(quant["int8_matrices"]) | {"embed_tokens"}
+    assert plus["quant"]["int8_vocab"] == 0 and plus["quant"]["int8_matrices"] == quant["int8_matrices"]
+    smaller = OnnxExportOptions(preset="quality", int8_vocab=100, calibration_file=text)
+    smaller = export_onnx(str(folder), tmp_path / "v", smaller)["quant"]["int8_matrices"]
+    assert smaller["embed_tokens.int8_rows"] == 64 and "embed_tokens" not in smaller
     # an explicit option wins over the preset's
     options = OnnxExportOptions(
         preset="quality", algo="rtn", int8_layers="*.v_proj", block_size=32, calibration_file=text
@@ -173,6 +203,7 @@ def test_quality_preset_fills_options_and_is_recorded(tiny_models, tmp_path):
     manifest = export_onnx(str(folder), tmp_path / "r", options)
     assert manifest["quant"]["algo"] == "rtn" and manifest["quant"]["calibration"] is None
     assert manifest["quant"]["block_size"] == 32 and manifest["quant"]["scales"] == "log8"
-    assert set(manifest["quant"]["int8_matrices"]) == {"layers.0.attn.v_proj", "layers.1.attn.v_proj"}
+    # the preset's --int8-vocab still applies (not overridden): all 320 rows of the tiny vocabulary
+    assert set(manifest["quant"]["int8_matrices"]) == {"layers.0.attn.v_proj", "layers.1.attn.v_proj", "embed_tokens"}
     with pytest.raises(UsageError, match="int4 only"):
         export_onnx(str(folder), tmp_path / "x", OnnxExportOptions(quant="int8", int8_layers="embed_tokens"))
