@@ -45,6 +45,8 @@ def variants_135m() -> list[dict]:
         {"name": "smolexport int4 (rtn)", "kind": "ours", "path": ORIG / "smolexport-int4-rtn"},
         {"name": "smolexport int4 --preset quality", "kind": "ours", "path": ORIG / "smolexport-int4--preset-quality"},
         {"name": "smolexport int8", "kind": "ours", "path": ORIG / "smolexport-int8"},
+        {"name": "smolexport int4 --kv-cache fp16", "kind": "ours", "path": WORK / "exports" / "135m-int4-kv16",
+         "flags": ["--quant", "int4", "--kv-cache", "fp16"]},
         {"name": "onnxruntime-genai int4", "kind": "genai", "path": ORIG / "genai-int4"},
         {"name": "onnxruntime-genai int8", "kind": "genai", "path": ORIG / "genai-int8"},
         {"name": "llama.cpp Q4_0", "kind": "llamacpp", "path": ORIG / "llamacpp-q4_0.gguf"},
@@ -62,6 +64,10 @@ def variants_17b() -> list[dict]:
     ours = WORK / "exports" / "smollm2-1.7b-random-int4"
     if not (ours / "smolexport.json").exists():
         run([VENV / "smolexport", "onnx", "--model", RANDOM17, "--quant", "int4", "--output", ours, "--force", "-q"])
+    kv16 = WORK / "exports" / "smollm2-1.7b-random-int4-kv16"
+    if not (kv16 / "smolexport.json").exists():
+        run([VENV / "smolexport", "onnx", "--model", RANDOM17, "--quant", "int4", "--kv-cache", "fp16", "--output",
+             kv16, "--force", "-q"])  # fmt: skip
     genai = SPEED17 / "genai-int4"
     if not (genai / "genai_config.json").exists():
         run([PEERS, "-m", "onnxruntime_genai.models.builder", "-i", RANDOM17, "-o", genai, "-p", "int4", "-e", "cpu",
@@ -73,6 +79,7 @@ def variants_17b() -> list[dict]:
         f16.unlink()
     return [
         {"name": "smolexport int4 (rtn)", "kind": "ours", "path": ours},
+        {"name": "smolexport int4 --kv-cache fp16", "kind": "ours", "path": kv16},
         {"name": "onnxruntime-genai int4", "kind": "genai", "path": genai},
         {"name": "llama.cpp Q4_0", "kind": "llamacpp", "path": q4},
     ]

@@ -103,6 +103,13 @@ def main():
     "at 8 bits  [default: 0, or the preset's]",
 )
 @click.option(
+    "--kv-cache",
+    type=click.Choice(["fp32", "fp16"]),
+    default=None,
+    help="KV cache type: fp16 halves the cache's memory (attention then computes in fp16)  [default: as the "
+    "activations: fp32, or fp16 for --quant fp16]",
+)
+@click.option(
     "--calibration",
     "calibration_file",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -137,6 +144,7 @@ def onnx_command(
     algo,
     int8_layers,
     int8_vocab,
+    kv_cache,
     calibration_file,
     standard_ops,
     accuracy_level,
@@ -155,6 +163,7 @@ def onnx_command(
         algo=algo,
         int8_layers=int8_layers,
         int8_vocab=int8_vocab,
+        kv_cache=kv_cache,
         preset=preset,
         calibration_file=calibration_file,
         force=force,

@@ -21,13 +21,11 @@ from ..errors import SmolexportError
 from ..llama_config import LlamaConfig
 from .calibration import Calibration, LayerInput
 from .gptq import gptq_quantize
-from .graph import MS_DOMAIN, GraphBuilder
+from .graph import FLOAT_TYPES, MS_DOMAIN, GraphBuilder
 from .mixed import int8_block_size, wants_int8
 from .quantize import LOG8_TABLE, BlockQuantized, quantize_blockwise
 from .rope import rope_tables
 from .vocab import VocabMatrix
-
-FLOAT_TYPES = {"fp32": (np.float32, TensorProto.FLOAT), "fp16": (np.float16, TensorProto.FLOAT16)}
 
 
 @dataclass(frozen=True)
@@ -45,6 +43,11 @@ class DecoderOptions:
     int8_layers: tuple[str, ...] = ()  # in int4 exports, matrices kept at 8 bits (patterns, see mixed.py)
     log8_scales: bool = False  # block scales as 8-bit log codes + one fp32 scale per row (quantize.py)
     int8_vocab: int = 0  # in int4 exports, embedding/lm_head rows of token ids below this at 8 bits (vocab.py)
+    kv_dtype: str | None = None  # KV cache type: fp32 | fp16; None = the activation type (fp16: fused.py)
+
+    @property
+    def cache_dtype(self) -> str:
+        return self.kv_dtype or self.activation_dtype
 
     @property
     def calibrated(self) -> bool:
@@ -304,7 +307,9 @@ def build_decoder(
     Returns what mixed precision did: {"int8_matrices": {graph name: block size}}."""
     get_weight = _requiring(get_weight)
     c, b = config, DecoderBuilder(g, config, options)
-    float_type = b.onnx_dtype
+    if options.cache_dtype != options.activation_dtype and not options.fused:
+        raise SmolexportError("a KV cache type other than the activations' needs the fused graph")
+    float_type = FLOAT_TYPES[options.cache_dtype][1]
     g.input("input_ids", TensorProto.INT64, ["batch", "seq"])
     g.input("attention_mask", TensorProto.INT64, ["batch", "total_seq"])
     g.input("position_ids", TensorProto.INT64, ["batch", "seq"])

@@ -57,6 +57,9 @@ class OnnxExportOptions:
     # int4 only: rows of the embedding/lm_head for the token ids below this kept at 8 bits (vocab.py: low ids
     # are a BPE vocabulary's common tokens). None: the preset's, else 0.
     int8_vocab: int | None = None
+    # KV cache type for fp32-activation exports: "fp16" halves the cache's memory (GroupQueryAttention then
+    # computes in fp16; fused graph only). None: as the activations (fp16 exports always cache in fp16).
+    kv_cache: str | None = None
     preset: str | None = None  # a named recipe (presets.py) filling the options left None
     force: bool = False
 
@@ -91,6 +94,12 @@ class OnnxExportOptions:
             raise UsageError(f"block size must be 16, 32, 64, 128 or 256, got {block_size}")
         if scales not in SCALE_FORMATS:
             raise UsageError(f"unknown scale format {scales!r}: choose one of {', '.join(SCALE_FORMATS)}")
+        if self.kv_cache not in (None, "fp16", "fp32"):
+            raise UsageError(f"unknown KV cache type {self.kv_cache!r}: choose fp16 or fp32")
+        if self.kv_cache == "fp16" and not self.fused:
+            raise UsageError("--kv-cache fp16 needs the fused graph (GroupQueryAttention): drop --standard-ops")
+        if self.kv_cache == "fp32" and quant == "fp16":
+            raise UsageError("--kv-cache fp32 with --quant fp16 is not supported: fp16 exports cache in fp16")
         context = self.context_length or max_positions
         if not 0 < context <= max_positions:
             raise UsageError(f"context length must be between 1 and the model's {max_positions}, got {context}")
@@ -106,6 +115,7 @@ class OnnxExportOptions:
             int8_layers=int8_layers,
             log8_scales=scales == "log8",
             int8_vocab=int8_vocab if bits == 4 else 0,
+            kv_dtype=self.kv_cache,
         )
 
 
@@ -203,7 +213,7 @@ def _manifest(
         "model": model_manifest(c, decoder.context_length),
         "kv_cache": {
             "layout": "batch,kv_heads,seq,head_dim",
-            "dtype": "float16" if decoder.activation_dtype == "fp16" else "float32",
+            "dtype": "float16" if decoder.cache_dtype == "fp16" else "float32",
         },
         "io": {
             "inputs": inputs,

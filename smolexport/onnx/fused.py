@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto
 
-from .graph import MS_DOMAIN
+from .graph import FLOAT_TYPES, MS_DOMAIN
 
 
 class FusedLayers:
@@ -26,8 +26,11 @@ class FusedLayers:
         lengths = g.node("ReduceSum", ["attention_mask", g.const([1])], "gqa/lengths", keepdims=0)
         lengths = g.node("Sub", [lengths, g.const(1)], "gqa/lengths_minus_1")
         self.seqlens_k = g.node("Cast", [lengths], "gqa/seqlens_k", to=TensorProto.INT32)
-        self.cos = g.initializer("rope.cos", cos_table.astype(builder.np_dtype))
-        self.sin = g.initializer("rope.sin", sin_table.astype(builder.np_dtype))
+        # GroupQueryAttention computes in its cache's type: with an fp16 cache under fp32 activations
+        # (--kv-cache fp16), the packed q/k/v goes in and the context comes out through a Cast.
+        self.cache_type = FLOAT_TYPES[builder.o.cache_dtype]
+        self.cos = g.initializer("rope.cos", cos_table.astype(self.cache_type[0]))
+        self.sin = g.initializer("rope.sin", sin_table.astype(self.cache_type[0]))
 
     def add_and_norm(self, pending: str | None, residual: str, weight: np.ndarray, name: str) -> tuple[str, str]:
         """(RMSNorm(pending + residual), pending + residual); without `pending`, just RMSNorm(residual)."""
@@ -47,6 +50,9 @@ class FusedLayers:
         b, g, c, name = self.b, self.g, self.c, f"layers.{i}.attn"
         parts = [(f"{name}.{k}_proj", w[k], w.get(f"{k}_bias")) for k in "qkv"]
         qkv = b.packed_linear(x, f"{name}.qkv_proj", parts, power.get("qkv"))
+        converts = self.cache_type[1] != b.onnx_dtype
+        if converts:
+            qkv = g.node("Cast", [qkv], f"{name}/qkv_to_cache_type", to=self.cache_type[1])
         io = kv_names(i)
         g.node_to(
             "GroupQueryAttention",
@@ -55,7 +61,10 @@ class FusedLayers:
             domain=MS_DOMAIN, num_heads=c.num_attention_heads, kv_num_heads=c.num_key_value_heads,
             scale=float(1.0 / np.sqrt(c.head_dim)), do_rotary=1, rotary_interleaved=0,
         )  # fmt: skip
-        return b.linear(f"{name}/context", f"{name}.o_proj", w["o"], w.get("o_bias"), b.o.weight_bits, power.get("o"))
+        context = f"{name}/context"
+        if converts:
+            context = g.node("Cast", [context], f"{name}/context_to_float", to=b.onnx_dtype)
+        return b.linear(context, f"{name}.o_proj", w["o"], w.get("o_bias"), b.o.weight_bits, power.get("o"))
 
     def mlp(self, i: int, x: str, w: dict, power: dict) -> str:
         b, g, name = self.b, self.g, f"layers.{i}.mlp"

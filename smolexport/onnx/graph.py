@@ -22,6 +22,7 @@ ALIGNMENT = 1 << 16
 
 DEFAULT_OPSET = 17
 MS_DOMAIN = "com.microsoft"
+FLOAT_TYPES = {"fp32": (np.float32, TensorProto.FLOAT), "fp16": (np.float16, TensorProto.FLOAT16)}
 
 
 class GraphBuilder:

@@ -184,3 +184,13 @@ def test_bad_sampling_flags_and_output_paths(tiny_export, tmp_path):
     assert_one_line_error(run_cli("run", tiny_export, "hi", "--stop", ""), 2, "--stop")
     result = run_cli("validate", tiny_export, "--json", tmp_path / "no" / "such" / "report.json")
     assert_one_line_error(result, 2, "does not exist")
+
+
+def test_kv_cache_flag_reaches_the_manifest_and_needs_the_fused_graph(tiny_models, tmp_path):
+    args = ["onnx", "--model", tiny_models["gqa_tied"][0], "--kv-cache", "fp16", "-q"]
+    result = run_cli(*args, "--output", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "out" / "smolexport.json").read_text())["kv_cache"]["dtype"] == "float16"
+    result = run_cli(*args, "--standard-ops", "--output", tmp_path / "standard")
+    assert_one_line_error(result, 2, "--kv-cache fp16 needs the fused graph")
+    assert not (tmp_path / "standard").exists()

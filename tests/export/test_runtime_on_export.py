@@ -42,6 +42,7 @@ def test_preallocated_cache_matches_grown_cache(tiny_models, tmp_path):
     folder, _ = tiny_models["gqa_tied"]
     export_onnx(str(folder), tmp_path / "e", OnnxExportOptions(quant="fp32"))
     decoder = load(tmp_path / "e").decoder
+    assert decoder.prefill_chunk == 128  # CPU: small prefill chunks keep the activation arena small
     ids = [5, 9, 11, 40, 7, 13, 21, 8, 30]
     grown_logits, grown, n = prefill(decoder, ids, chunk_size=4)
     shared_logits, shared, _ = prefill(decoder, ids, chunk_size=4, capacity=len(ids) + 3)
@@ -53,3 +54,27 @@ def test_preallocated_cache_matches_grown_cache(tiny_models, tmp_path):
         np.testing.assert_allclose(shared_logits, grown_logits, atol=1e-5)
     with pytest.raises(SmolexportRuntimeError, match="allocated for 12 tokens"):
         decode_one_token(decoder, 4, shared, n + 3)
+
+
+def test_fp16_cache_under_fp32_activations_runs_in_the_runtime(tiny_models, tmp_path):
+    """--kv-cache fp16 on an int4 export: the runtime allocates fp16 buffers from the manifest, writes them in
+    place, and the logits stay within fp16 rounding of the fp32-cache export's."""
+    import numpy as np
+    from smolexport_runtime.generate import decode_one_token, prefill
+
+    folder, _ = tiny_models["gqa_tied"]
+    logits = {}
+    for kv in ("fp32", "fp16"):
+        export_onnx(str(folder), tmp_path / kv, OnnxExportOptions(quant="int4", kv_cache=kv))
+        decoder = load(tmp_path / kv).decoder
+        assert decoder.kv_dtype == np.dtype("float16" if kv == "fp16" else "float32")
+        ids = [5, 9, 11, 40, 7, 13, 21, 8, 30]
+        step, cache, n = prefill(decoder, ids, chunk_size=4, capacity=len(ids) + 3)
+        assert cache[0].data_type() == ("tensor(float16)" if kv == "fp16" else "tensor(float)")
+        steps = [step]
+        for token in (3, 17, 25):
+            step, cache, n = decode_one_token(decoder, token, cache, n)
+            steps.append(step)
+        logits[kv] = np.stack(steps)
+    assert np.abs(logits["fp32"]).max() > 1  # logits of a real size, so the tolerance below means something
+    np.testing.assert_allclose(logits["fp16"], logits["fp32"], atol=5e-2, rtol=0)

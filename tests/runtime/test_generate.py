@@ -112,6 +112,17 @@ def test_prefill_in_chunks_matches_one_call(tokenizer):
     assert length == m + 1 and cache[0].shape[2] == m + 1
 
 
+def test_prefill_takes_the_decoders_chunk_size(tokenizer):
+    prompt = ids("a longer prompt")
+    decoder = random_decoder()
+    prefill(decoder, prompt)
+    assert decoder.calls == [(0, len(prompt))]  # no prefill_chunk: PREFILL_CHUNK (512) covers it
+    decoder = random_decoder()
+    decoder.prefill_chunk = 6
+    prefill(decoder, prompt)
+    assert decoder.calls == [(0, 6), (6, 6), (12, 3)]
+
+
 def test_empty_prompt_is_an_error(tokenizer):
     with pytest.raises(ValueError, match="empty"):
         stream_generate(random_decoder(), tokenizer, [], make_sampler(SamplingConfig()), max_new_tokens=3)

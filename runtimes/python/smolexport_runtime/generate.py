@@ -22,8 +22,9 @@ from .detokenize import StreamingDetokenizer
 from .errors import ContextLengthError
 from .sampling import Sampler
 
-# Older graphs (without `logits_to_keep`) return logits for every input position, so a long prompt in one
-# call would need seq * vocab * 4 bytes (8k tokens x 49k vocab = 1.6 GB); chunks bound that at ~100 MB.
+# Prompt tokens per forward call when the decoder names none (`prefill_chunk`). Older graphs (without
+# `logits_to_keep`) return logits for every input position, so a long prompt in one call would need
+# seq * vocab * 4 bytes (8k tokens x 49k vocab = 1.6 GB); chunks bound that at ~100 MB.
 PREFILL_CHUNK = 512
 
 FinishReason = Literal["stop", "length"]
@@ -63,12 +64,14 @@ def position_ids_from_mask(attention_mask: np.ndarray, seq_len: int) -> np.ndarr
 
 
 def prefill(
-    decoder: Decoder, ids: Sequence[int], chunk_size: int = PREFILL_CHUNK, capacity: int | None = None
+    decoder: Decoder, ids: Sequence[int], chunk_size: int | None = None, capacity: int | None = None
 ) -> tuple[np.ndarray, list[np.ndarray], int]:
     """Runs the prompt through the model: returns the last position's logits, the cache, and its length.
-    `capacity` (prompt + tokens to come) lets the decoder allocate its cache once for the whole sequence."""
+    `capacity` (prompt + tokens to come) lets the decoder allocate its cache once for the whole sequence.
+    `chunk_size`: prompt tokens per call; by default the decoder's `prefill_chunk`, else PREFILL_CHUNK."""
     if len(ids) == 0:
         raise ValueError("the prompt is empty: at least one token is needed to start generation")
+    chunk_size = chunk_size or getattr(decoder, "prefill_chunk", PREFILL_CHUNK)
     # Decoders written to the plain `empty_cache(batch)` contract keep working when no capacity is asked for.
     cache = decoder.empty_cache(1) if capacity is None else decoder.empty_cache(1, capacity=capacity)
     length = 0
