@@ -127,8 +127,9 @@ class OnnxDecoder:
         # Presents stay on the device that computed them; the next step reads them there.
         self.cache_device = "cuda" if active[0] == CUDA else "cpu"
         # Prompt tokens per prefill call (generate.prefill). On CPU, chunks of 128 keep ONNX Runtime's arena
-        # of activations a quarter the size of 512-token chunks' and were no slower (1.7B shapes: peak RSS
-        # 2.42 -> 2.12 GB, 512-token TTFT 6.70 -> 6.52 s; benchmarks/README.md). GPUs want big matrices.
+        # of activations a quarter the size of 512-token chunks' and were no slower (1.7B shapes, fp16 cache:
+        # peak RSS 2.42 -> 2.12 GB, 512-token TTFT 6.70 -> 6.52 s; benchmarks/README.md). GPUs want big
+        # matrices: 512 there (not measured on a GPU).
         self.prefill_chunk = 512 if self.cache_device == "cuda" else 128
         # GroupQueryAttention can read and write one preallocated cache buffer (see empty_cache). On CUDA
         # its kernel is fp16-only: an fp32 graph runs it on the CPU, where a CUDA buffer would be copied
