@@ -11,6 +11,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from smolexport.errors import UsageError
 from smolexport.onnx.export import OnnxExportOptions, export_onnx
 from smolexport.onnx.quantize import dequantize_blockwise, quantize_blockwise
 from tests.conftest import empty_cache
@@ -64,8 +65,11 @@ def test_prefill_and_cached_decode_match_pytorch(tiny_models, tmp_path, which, q
     folder, model = tiny_models[which]
     out = tmp_path / "export"
     quant, _, kv = quant.partition(" kv-")  # "int4 kv-fp16": int4 weights, fp32 activations, an fp16 cache
-    if kv and graph == "standard":
-        pytest.skip("an fp16 cache under fp32 activations is a fused-graph option")
+    if kv and graph == "standard":  # an fp16 cache under fp32 activations is a fused-graph option
+        with pytest.raises(UsageError, match="needs the fused graph"):
+            export_onnx(str(folder), out, OnnxExportOptions(quant=quant, fused=False, kv_cache=kv))
+        assert not out.exists()
+        return
     # accuracy_level 0: the kernels compute with exactly the dequantized weights (4 is checked below)
     options = OnnxExportOptions(
         quant=quant, block_size=32, fused=graph == "fused", accuracy_level=0, kv_cache=kv or None
