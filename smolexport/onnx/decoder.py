@@ -69,6 +69,7 @@ class DecoderBuilder:
         self.np_dtype, self.onnx_dtype = FLOAT_TYPES[options.activation_dtype]
         self.lm_head_bits = options.lm_head_bits or options.weight_bits
         self.int8_matrices: dict[str, int] = {}  # graph name -> block size, of matrices raised to 8 bits
+        self._scale_inputs: dict[str, str] = {}  # matrix name -> its decoded scales tensor (scales_input)
 
     def _wants_int8(self, name: str) -> bool:
         return wants_int8(self.o.int8_layers, name, self.c.num_hidden_layers)
@@ -161,6 +162,8 @@ class DecoderBuilder:
         the row scale, rounded to fp16 as the quantizer did. MatMulNBits wants them in the activation type:
         for fp32 graphs a Cast. ONNX Runtime folds all of this into a constant at load, before it prepacks
         the weights, so it costs nothing per token."""
+        if name in self._scale_inputs:  # one decode per matrix, however many nodes read it (vocab.py: two)
+            return self._scale_inputs[name]
         g, scales = self.g, f"{name}.scales"
         if self.o.log8_scales:
             table = g.const(LOG8_TABLE, np.float32)
@@ -168,9 +171,10 @@ class DecoderBuilder:
             scales = g.node("Gather", [table, codes], f"{name}.scales/decode")
             scales = g.node("Mul", [scales, f"{name}.row_scales"], f"{name}.scales/rows")
             scales = g.node("Cast", [scales], f"{name}.scales/to_fp16", to=TensorProto.FLOAT16)
-        if self.np_dtype == np.float16:
-            return scales
-        return g.node("Cast", [scales], f"{name}.scales/to_float", to=self.onnx_dtype)
+        if self.np_dtype != np.float16:
+            scales = g.node("Cast", [scales], f"{name}.scales/to_float", to=self.onnx_dtype)
+        self._scale_inputs[name] = scales
+        return scales
 
     def quantize(self, name: str, weight: np.ndarray, bits: int, block_size: int, calib: LayerInput | None = None):
         """Block-quantizes one matrix by the export's algo; without calibration inputs, act-mse/awq/gptq fall

@@ -43,7 +43,6 @@ class VocabMatrix:
     def __init__(self, builder, name: str, weight: np.ndarray, bits: int | None):
         self.b, self.g, self.name, self.weight = builder, builder.g, name, weight
         self.vocab, self.hidden = vocab, hidden = weight.shape
-        self._scales: dict[str, str] = {}  # part name -> the scales tensor, built once, read by both uses
         bits, block_size = builder._bits(name, bits, hidden)
         common = min(builder.o.int8_vocab, vocab) if bits == 4 else 0
         if common == vocab:  # every row at 8 bits: the same as naming the matrix in --int8-layers
@@ -108,7 +107,7 @@ class VocabMatrix:
             zero_points = g.node(
                 "Slice", [zero_points, g.const([0]), g.const([n_blocks]), g.const([-1])], f"{name}/zp_unpad"
             )
-        scales = g.node("Gather", [self._scales_of(name), ids], f"{name}/lookup_scales")  # [B, S, n_blocks]
+        scales = g.node("Gather", [self.b.scales_input(name), ids], f"{name}/lookup_scales")  # [B, S, n_blocks]
         dtype = self.b.onnx_dtype
         codes = g.node("Cast", [codes], f"{name}/codes_float", to=dtype)
         zero_points = g.node("Cast", [zero_points], f"{name}/zp_float", to=dtype)
@@ -131,11 +130,6 @@ class VocabMatrix:
         pairs = g.node("Concat", [low, high], f"{name}/pairs", axis=-1)
         return g.node("Reshape", [pairs, g.const(shape)], f"{name}/unpacked")
 
-    def _scales_of(self, name: str) -> str:
-        if name not in self._scales:
-            self._scales[name] = self.b.scales_input(name)
-        return self._scales[name]
-
     def _project_part(self, part: TablePart, x: str) -> str:
         g, name = self.g, part.name
         vocab, hidden = part.stop - part.start, self.hidden
@@ -147,7 +141,7 @@ class VocabMatrix:
             return g.node("Reshape", [y, shape], f"{name}/logits_3d")
         return g.node(
             "MatMulNBits",
-            [x, f"{name}.qweight", self._scales_of(name), f"{name}.zero_points"],
+            [x, f"{name}.qweight", self.b.scales_input(name), f"{name}.zero_points"],
             "lm_head" if len(self.parts) == 1 else f"lm_head/{name}",
             domain=MS_DOMAIN,
             K=hidden,
