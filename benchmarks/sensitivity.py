@@ -10,7 +10,9 @@ next-token distributions and top-1 agreement. No ONNX export, so a variant takes
 
 The default text is docs/export-folder.md: neither the calibration text nor validation's inputs. `--dev` scores
 on the held-out dev set instead (benchmarks/dev: chat prompts with the float model's answers, and two texts),
-pooled like `smolexport validate`; variants may end in `:option=value,...` (DecoderOptions fields).
+pooled like `smolexport validate`; variants may end in `:option=value,...` (DecoderOptions fields):
+`accuracy_level=4` also rounds each quantized matrix's input to int8 per block, as the export's default
+MatMulNBits kernels on CPU do (and the awq search then models it); `weight_bits=8,lm_head_bits=8` for int8.
 
   .venv/bin/python benchmarks/sensitivity.py --model benchmarks/work/smollm2-135m-instruct-degrid --scan
   .venv/bin/python benchmarks/sensitivity.py --model DIR --variants "rtn:" "gptq:embed_tokens,lm_head"
@@ -49,7 +51,7 @@ def fake_quantize(model, state: dict, config: LlamaConfig, options: DecoderOptio
     params = dict(model.named_parameters())
     for i in range(config.num_hidden_layers):
         attn, mlp, input_norm, post_norm = _layer_weights(state.get, i)
-        inputs, input_norm, post_norm = _calibrate(b, calibration, attn, mlp, input_norm, post_norm)
+        inputs, input_norm, post_norm = _calibrate(b, calibration, i, attn, mlp, input_norm, post_norm)
         params[f"model.layers.{i}.input_layernorm.weight"].data = torch.from_numpy(np.asarray(input_norm))
         params[f"model.layers.{i}.post_attention_layernorm.weight"].data = torch.from_numpy(np.asarray(post_norm))
         for key, path in MATRICES.items():
@@ -74,12 +76,42 @@ def _replace(b: DecoderBuilder, param, weight: np.ndarray, name: str, calib) -> 
     from smolexport.onnx.vocab import VocabMatrix
 
     if name in ("embed_tokens", "lm_head"):  # row ranges as the exporter splits them (int8_vocab)
-        parts = VocabMatrix(b, name, weight, 4).parts
+        parts = VocabMatrix(b, name, weight, b.lm_head_bits).parts
         rows = [b.quantize(name, weight[p.start : p.stop], p.bits, p.block_size, calib) for p in parts]
         param.data = torch.from_numpy(np.concatenate([dequantize_blockwise(qw) for qw in rows]))
         return
-    bits, block = b._bits(name, 4, weight.shape[1])
+    bits, block = b._bits(name, b.o.weight_bits, weight.shape[1])
     param.data = torch.from_numpy(dequantize_blockwise(b.quantize(name, weight, bits, block, calib)))
+
+
+def simulate_int8_inputs(model, b: DecoderBuilder, config: LlamaConfig) -> list:
+    """Hooks that round every quantized matrix's input to int8 per block, as MatMulNBits does at accuracy_level
+    4 on CPU (the export's default), so that a variant's score includes that rounding. Returns the handles."""
+    from smolexport.onnx.awq import int8_round_blocks
+    from smolexport.onnx.vocab import VocabMatrix
+
+    def rounded(x: torch.Tensor, block_size: int) -> torch.Tensor:
+        return torch.from_numpy(int8_round_blocks(x.numpy(), block_size))
+
+    def rounding(block_size: int):
+        return lambda module, args: (rounded(args[0], block_size),)
+
+    handles = []
+    for i, layer in enumerate(model.model.layers):
+        for path in MATRICES.values():
+            linear = layer.get_submodule(path)
+            _, block = b._stored_as(f"layers.{i}.{path.split('.')[1]}", b.o.weight_bits, linear.in_features)
+            handles.append(linear.register_forward_pre_hook(rounding(block)))
+    name = "embed_tokens" if config.tie_word_embeddings else "lm_head"
+    weight = model.lm_head.weight
+    parts = VocabMatrix(b, name, weight.detach().numpy(), b.lm_head_bits).parts
+
+    def lm_head(module, args, out):  # each row range is its own MatMulNBits with its own block size
+        x = args[0]
+        return torch.cat([rounded(x, p.block_size) @ weight[p.start : p.stop].T for p in parts], -1)
+
+    handles.append(model.lm_head.register_forward_hook(lm_head))
+    return handles
 
 
 def compare(references: list[torch.Tensor], model, segments: list) -> dict:
@@ -154,11 +186,16 @@ def main() -> None:
     def run(label: str, options: DecoderOptions, only=None) -> None:
         started = time.perf_counter()
         fake_quantize(model, state, config, options, calib_ids, only)
+        # accuracy_level=4 in a variant's options: score with the CPU kernels' int8 inputs too
+        builder = DecoderBuilder(None, config, options)
+        hooks = simulate_int8_inputs(model, builder, config) if options.accuracy_level == 4 else []
         row = {
             "variant": label,
             **compare(references, model, segments),
             "seconds": round(time.perf_counter() - started),
         }
+        for hook in hooks:
+            hook.remove()
         print(json.dumps(row), flush=True)
         results.append(row)
         model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
@@ -177,9 +214,8 @@ def main() -> None:
         algo, _, rest = variant.partition(":")
         patterns, _, extra = rest.partition(":")  # extra: DecoderOptions overrides, e.g. "block_size=16"
         overrides = {key: int(value) for key, value in (item.split("=") for item in extra.split(",") if item)}
-        options = DecoderOptions(
-            weight_bits=4, lm_head_bits=4, algo=algo, int8_layers=parse_patterns(patterns), **overrides
-        )
+        overrides = {"weight_bits": 4, "lm_head_bits": 4, **overrides}  # e.g. weight_bits=8,lm_head_bits=8
+        options = DecoderOptions(algo=algo, int8_layers=parse_patterns(patterns), **overrides)
         run(variant, options)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")

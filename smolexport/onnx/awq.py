@@ -10,12 +10,20 @@ grid. The 1/s goes where it costs nothing at run time:
   channel, shared by the query heads that read it).
 Per group, s = mean|x|^alpha (normalised), with alpha picked from a grid by the group's measured output error
 on the calibration inputs, each candidate quantized by round-to-nearest (alpha = 0 is "no scaling", so the
-search never makes a layer worse on its calibration inputs). The calibration inputs handed to the quantizer
+search never makes a layer worse on its calibration inputs). The error is that of the matrices as they will be
+stored and multiplied (`Storage`): each part at its own bit width and block size (mixed precision), and, at
+MatMulNBits accuracy_level 4, with the input rounded to int8 the way ONNX Runtime's CPU kernels do it. Scaling
+a channel's input down also shrinks the activation outliers that set each int8 block's step, so at 8 bits,
+where the weights' own rounding is small, the search mostly trades weight error for activation error
+(SmoothQuant's idea, with the same folding). The calibration inputs handed to the quantizer
 afterwards are divided by s too, so the clipping search (act-mse) and GPTQ see the scaled problem.
 Memory: one layer's weights and calibration activations at a time, like the rest of the export.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -26,14 +34,47 @@ ALPHAS = np.linspace(0.0, 1.0, 21)
 MAX_TOKENS = 512  # calibration rows used to score a candidate, evenly spaced over the calibration text
 
 
-def _output_error(x: np.ndarray, weight: np.ndarray, scales: np.ndarray, bits: int, block_size: int) -> float:
-    """|| x W^T - (x / s) Q(W s)^T ||^2 for a candidate column scaling s."""
-    quantized = dequantize_blockwise(quantize_blockwise(weight * scales, bits, block_size, np.float16)) / scales
-    return float(np.square(x @ (quantized - weight).T).sum())
+@dataclass(frozen=True)
+class Storage:
+    """How one matrix will be stored and multiplied."""
+
+    bits: int
+    block_size: int
+    # MatMulNBits accuracy_level 4 on CPU: the input is rounded to int8 per block of the weight's block size
+    # (symmetric, step = the block's max |x| / 127) before the integer dot products.
+    int8_inputs: bool = False
 
 
-def search_scales(x: np.ndarray, weight: np.ndarray, bits: int, block_size: int, magnitude=None, expand=None):
-    """The per-input-channel scale (all ones if no alpha beats plain rounding) for W [N, K], inputs x [T, K].
+def int8_round_blocks(x: np.ndarray, block_size: int) -> np.ndarray:
+    """x [..., K] as ONNX Runtime's int8-compute kernels see it: each row's blocks of `block_size` rounded to
+    int8 with the step max|x| / 127 of that block."""
+    k = x.shape[-1]
+    rows = x.reshape(-1, k)
+    blocks = np.pad(rows, ((0, 0), (0, -k % block_size))).reshape(len(rows), -1, block_size)
+    step = np.abs(blocks).max(axis=-1, keepdims=True) / 127.0
+    step = np.where(step == 0, 1.0, step)
+    return (np.round(blocks / step) * step).reshape(len(rows), -1)[:, :k].reshape(x.shape).astype(x.dtype)
+
+
+def _output_error(x: np.ndarray, parts: list[tuple[np.ndarray, Storage]], scales: np.ndarray, exact=None) -> float:
+    """sum over parts of || x W^T - q(x / s) Q(W s)^T ||^2 for a candidate column scaling s, where Q rounds the
+    weight as stored and q is int8 rounding of the input where the kernel does it (else identity). `exact`:
+    the parts' x W^T, when the caller has them."""
+    error = 0.0
+    for i, (weight, storage) in enumerate(parts):
+        quantized = dequantize_blockwise(quantize_blockwise(weight * scales, storage.bits, storage.block_size,
+                                                            np.float16))  # fmt: skip
+        if storage.int8_inputs:
+            reference = x @ weight.T if exact is None else exact[i]
+            error += float(np.square(int8_round_blocks(x / scales, storage.block_size) @ quantized.T - reference).sum())
+        else:  # the same difference, in one product
+            error += float(np.square(x @ (quantized / scales - weight).T).sum())
+    return error
+
+
+def search_scales(x: np.ndarray, parts: list[tuple[np.ndarray, Storage]], magnitude=None, expand=None):
+    """The per-input-channel scale (all ones if no alpha beats plain rounding) for the matrices `parts`
+    [(W [N, K], storage)] that read the inputs x [T, K].
 
     `magnitude`/`expand` tie channels together: the search runs over scales the size of `magnitude` and
     `expand` maps one to the K columns (o_proj: one scale per KV channel, repeated for its query heads)."""
@@ -41,11 +82,12 @@ def search_scales(x: np.ndarray, weight: np.ndarray, bits: int, block_size: int,
     magnitude = np.abs(x).mean(axis=0) if magnitude is None else magnitude
     magnitude = np.maximum(magnitude, 1e-6).astype(np.float64)
     expand = expand or (lambda scales: scales)
+    exact = [x @ weight.T if storage.int8_inputs else None for weight, storage in parts]
     best, best_error = np.ones(len(magnitude), np.float32), None
     for alpha in ALPHAS:
         scales = magnitude**alpha
         scales = (scales / np.sqrt(scales.max() * scales.min())).astype(np.float32)
-        error = _output_error(x, weight, expand(scales), bits, block_size)
+        error = _output_error(x, parts, expand(scales), exact)
         if best_error is None or error < best_error:
             best, best_error = scales, error
     return best
@@ -53,25 +95,28 @@ def search_scales(x: np.ndarray, weight: np.ndarray, bits: int, block_size: int,
 
 def scale_layer(
     attn: dict, mlp: dict, input_norm: np.ndarray, post_norm: np.ndarray, inputs: dict[str, LayerInput],
-    heads: int, kv_heads: int, bits: int, block_size: int,
+    heads: int, kv_heads: int, storage: Callable[[str], Storage],
 ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """Rescales one layer's weights in place (attn/mlp dicts) and its calibration `inputs`; returns the new
-    (input_norm, post_norm) weights. The layer's float function is unchanged."""
-    # q/k/v share the input norm: one scale for their concatenation.
-    qkv = np.concatenate([attn["q"], attn["k"], attn["v"]])
-    s = search_scales(inputs["qkv"].x, qkv, bits, block_size)
+    (input_norm, post_norm) weights. The layer's float function is unchanged. `storage(key)`: how the matrix
+    attn[key] or mlp[key] ("q", ..., "down") will be stored."""
+
+    def parts(weights: dict, *keys: str) -> list[tuple[np.ndarray, Storage]]:
+        return [(weights[key], storage(key)) for key in keys]
+
+    # q/k/v share the input norm: one scale for all three.
+    s = search_scales(inputs["qkv"].x, parts(attn, "q", "k", "v"))
     for key in "qkv":
         attn[key] = attn[key] * s
     input_norm = input_norm / s
     inputs["qkv"] = LayerInput(inputs["qkv"].x / s)
 
-    gate_up = np.concatenate([mlp["gate"], mlp["up"]])
-    s = search_scales(inputs["gate_up"].x, gate_up, bits, block_size)
+    s = search_scales(inputs["gate_up"].x, parts(mlp, "gate", "up"))
     mlp["gate"], mlp["up"] = mlp["gate"] * s, mlp["up"] * s
     post_norm = post_norm / s
     inputs["gate_up"] = LayerInput(inputs["gate_up"].x / s)
 
-    s = search_scales(inputs["down"].x, mlp["down"], bits, block_size)
+    s = search_scales(inputs["down"].x, parts(mlp, "down"))
     mlp["down"] = mlp["down"] * s
     mlp["up"] = mlp["up"] / s[:, None]  # down's input is silu(gate) * up: linear in up's rows
     if mlp.get("up_bias") is not None:
@@ -87,7 +132,7 @@ def scale_layer(
     def expand(s_kv: np.ndarray) -> np.ndarray:
         return np.repeat(s_kv.reshape(kv_heads, 1, head_dim), group, axis=1).reshape(-1)
 
-    s_kv = search_scales(inputs["o"].x, attn["o"], bits, block_size, magnitude=shared, expand=expand)
+    s_kv = search_scales(inputs["o"].x, parts(attn, "o"), magnitude=shared, expand=expand)
     s_full = expand(s_kv)
     attn["o"] = attn["o"] * s_full
     attn["v"] = attn["v"] / s_kv[:, None]

@@ -74,12 +74,18 @@ class DecoderBuilder:
     def _wants_int8(self, name: str) -> bool:
         return wants_int8(self.o.int8_layers, name, self.c.num_hidden_layers)
 
-    def _bits(self, name: str, bits: int | None, k: int) -> tuple[int | None, int]:
+    def _stored_as(self, name: str, bits: int | None, k: int) -> tuple[int | None, int]:
         """(bits, block size) of a matrix with k inputs: 8 bits in wide blocks where --int8-layers says so."""
         if bits == 4 and self._wants_int8(name):
-            self.int8_matrices[name] = int8_block_size(k)
-            return 8, self.int8_matrices[name]
+            return 8, int8_block_size(k)
         return bits, self.o.block_size
+
+    def _bits(self, name: str, bits: int | None, k: int) -> tuple[int | None, int]:
+        """`_stored_as`, recording the matrices raised to 8 bits (for the manifest)."""
+        bits_stored, block_size = self._stored_as(name, bits, k)
+        if bits_stored != bits:
+            self.int8_matrices[name] = block_size
+        return bits_stored, block_size
 
     # --- weights ---------------------------------------------------------------------------------
     def linear(
@@ -127,13 +133,20 @@ class DecoderBuilder:
         bias = None if biases[0] is None else np.concatenate(biases)
         return self.linear(x, name, np.concatenate([weight for _, weight, _ in parts]), bias, bits, calib)
 
-    def awq_scale(self, attn: dict, mlp: dict, input_norm, post_norm, inputs: dict):
-        """Folds activation-aware channel scales into this layer's float weights (see awq.py)."""
-        from .awq import scale_layer
+    def awq_scale(self, i: int, attn: dict, mlp: dict, input_norm, post_norm, inputs: dict):
+        """Folds activation-aware channel scales into layer i's float weights (see awq.py), searched for the
+        matrices as they will be stored: bits and block size per matrix, int8 inputs at accuracy level 4."""
+        from .awq import Storage, scale_layer
+
+        def storage(key: str) -> Storage:
+            weights, group = (attn, "attn") if key in "qkvo" else (mlp, "mlp")
+            bits, block_size = self._stored_as(f"layers.{i}.{group}.{key}_proj", self.o.weight_bits,
+                                               weights[key].shape[1])  # fmt: skip
+            return Storage(bits, block_size, int8_inputs=self.o.accuracy_level == 4)
 
         c = self.c
         return scale_layer(attn, mlp, input_norm, post_norm, inputs, c.num_attention_heads, c.num_key_value_heads,
-                           self.o.weight_bits, self.o.block_size)  # fmt: skip
+                           storage)  # fmt: skip
 
     def _quantized(self, name: str, weight: np.ndarray, bits: int, block_size: int, calib=None) -> list[str]:
         qw = self.quantize(name, weight, bits, block_size, calib)
@@ -391,14 +404,14 @@ def _layer_weights(get_weight, i: int) -> tuple[dict, dict, np.ndarray, np.ndarr
     return attn, mlp, *norms
 
 
-def _calibrate(b: DecoderBuilder, calibration, attn: dict, mlp: dict, input_norm, post_norm):
-    """Advances the calibration through one layer: (its linear layers' inputs, input_norm, post_norm). With
+def _calibrate(b: DecoderBuilder, calibration, i: int, attn: dict, mlp: dict, input_norm, post_norm):
+    """Advances the calibration through layer i: (its linear layers' inputs, input_norm, post_norm). With
     algo awq, the layer's weights (attn/mlp, in place) and norms come back rescaled (awq.py)."""
     if calibration is None:
         return {}, input_norm, post_norm
     inputs = calibration.layer(attn, mlp, input_norm, post_norm)
     if b.o.algo == "awq":
-        input_norm, post_norm = b.awq_scale(attn, mlp, input_norm, post_norm, inputs)
+        input_norm, post_norm = b.awq_scale(i, attn, mlp, input_norm, post_norm, inputs)
     return inputs, input_norm, post_norm
 
 
@@ -412,7 +425,7 @@ def _standard_layers(b: DecoderBuilder, x: str, cos_table, sin_table, get_weight
     mask_bias = b.attention_mask_bias()
     for i in range(b.c.num_hidden_layers):
         attn, mlp, input_norm, post_attn_norm = _layer_weights(get_weight, i)
-        power, input_norm, post_attn_norm = _calibrate(b, calibration, attn, mlp, input_norm, post_attn_norm)
+        power, input_norm, post_attn_norm = _calibrate(b, calibration, i, attn, mlp, input_norm, post_attn_norm)
         h = b.rms_norm(x, input_norm, f"layers.{i}.input_norm")
         x = g.node("Add", [x, b.attention(i, h, attn, cos, sin, mask_bias, power)], f"layers.{i}.attn_residual")
         h = b.rms_norm(x, post_attn_norm, f"layers.{i}.post_attn_norm")
@@ -430,7 +443,7 @@ def _fused_layers(b: DecoderBuilder, x: str, cos_table, sin_table, get_weight, o
     pending, residual = None, x
     for i in range(b.c.num_hidden_layers):
         attn, mlp, input_norm, post_attn_norm = _layer_weights(get_weight, i)
-        power, input_norm, post_attn_norm = _calibrate(b, calibration, attn, mlp, input_norm, post_attn_norm)
+        power, input_norm, post_attn_norm = _calibrate(b, calibration, i, attn, mlp, input_norm, post_attn_norm)
         h, residual = fused.add_and_norm(pending, residual, input_norm, f"layers.{i}.input_norm")
         pending = fused.attention(i, h, attn, power)
         h, residual = fused.add_and_norm(pending, residual, post_attn_norm, f"layers.{i}.post_attn_norm")

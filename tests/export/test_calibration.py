@@ -48,7 +48,7 @@ def test_awq_scaling_keeps_the_float_layer_and_lowers_its_int4_error(tiny_models
     """awq.scale_layer only moves scale between norms/producers and the quantized matrices: each layer's float
     output is unchanged (GQA: the o_proj scale is shared by the heads of a KV head), and the calibration
     inputs it hands on are the scaled layer's real inputs."""
-    from smolexport.onnx.awq import scale_layer
+    from smolexport.onnx.awq import Storage, scale_layer
 
     _, model = tiny_models["gqa_tied"]
     c = LlamaConfig.from_dict(model.config.to_dict())
@@ -62,7 +62,7 @@ def test_awq_scaling_keeps_the_float_layer_and_lowers_its_int4_error(tiny_models
         inputs = plain.layer(attn, mlp, input_norm, post_norm)
         before = (input_norm, post_norm, attn["v"])
         input_norm, post_norm = scale_layer(attn, mlp, input_norm, post_norm, inputs, c.num_attention_heads,
-                                            c.num_key_value_heads, 4, 32)  # fmt: skip
+                                            c.num_key_value_heads, lambda key: Storage(4, 32))  # fmt: skip
         after = (input_norm, post_norm, attn["v"])
         rescaled += sum(not np.array_equal(a, b) for a, b in zip(before, after, strict=True))
         scaled_inputs = scaled.layer(attn, mlp, input_norm, post_norm)
