@@ -53,6 +53,7 @@ FOLDERS = {"orig": WORK / "smollm2-135m-instruct", "degrid": WORK / "smollm2-135
 # Defaults apply unless named: MatMulNBits accuracy level 4 (int8 activations), block 32.
 OURS = {
     "smolexport int8": ["--quant", "int8"],
+    "smolexport int8 --preset quality-int8": ["--preset", "quality-int8"],
     "smolexport int4 rtn": ["--quant", "int4", "--algo", "rtn"],
     "smolexport int4 act-mse": ["--quant", "int4", "--algo", "act-mse"],
     "smolexport int4 awq": ["--quant", "int4", "--algo", "awq"],

@@ -50,8 +50,8 @@ def main():
     default=None,
     help="A measured recipe: 'quality' = int4 --algo awq in blocks of 16 with log8 scales, v_proj, the first and "
     "last layer and the embedding/lm_head rows of the 16,384 lowest token ids at 8 bits; 'quality-plus' = the "
-    "whole embedding/lm_head and the first and last two layers at 8 bits (docs/quantization.md). Flags given "
-    "explicitly override it.",
+    "whole embedding/lm_head and the first and last two layers at 8 bits; 'quality-int8' = int8 --algo awq "
+    "(docs/quantization.md). Flags given explicitly override it.",
 )
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="Export folder to create.")
 @click.option(

@@ -20,7 +20,7 @@ from .calibration import DEFAULT_TOKENS, load_calibration_ids
 from .decoder import DecoderOptions, build_decoder, kv_names
 from .graph import GraphBuilder
 from .mixed import parse_patterns
-from .presets import preset
+from .presets import PRESETS, preset
 
 QUANT_MODES = ("int4", "int8", "fp16", "fp32")
 ALGOS = ("rtn", "mse", "act-mse", "awq", "gptq")
@@ -71,6 +71,10 @@ class OnnxExportOptions:
         return default if value is None else value
 
     def decoder_options(self, max_positions: int) -> DecoderOptions:
+        if self.preset and self.quant and self.quant != preset(self.preset)["quant"]:
+            fitting = [name for name, recipe in PRESETS.items() if recipe["quant"] == self.quant]
+            hint = f": for {self.quant}, use --preset {' or '.join(fitting)}" if fitting else ""
+            raise UsageError(f"preset {self.preset} is an {preset(self.preset)['quant']} recipe{hint}")
         quant, algo = self.resolved("quant", "int4"), self.resolved("algo", "rtn")
         int8_layers = parse_patterns(self.resolved("int8_layers"))
         if quant not in QUANT_MODES:

@@ -207,3 +207,16 @@ def test_quality_preset_fills_options_and_is_recorded(tiny_models, tmp_path):
     assert set(manifest["quant"]["int8_matrices"]) == {"layers.0.attn.v_proj", "layers.1.attn.v_proj", "embed_tokens"}
     with pytest.raises(UsageError, match="int4 only"):
         export_onnx(str(folder), tmp_path / "x", OnnxExportOptions(quant="int8", int8_layers="embed_tokens"))
+    # an int4 recipe asked for int8 says which preset fits instead of failing on one of its options
+    with pytest.raises(UsageError, match="preset quality is an int4 recipe: for int8, use --preset quality-int8"):
+        export_onnx(str(folder), tmp_path / "x", OnnxExportOptions(quant="int8", preset="quality"))
+
+
+def test_int8_preset_is_awq_and_records_it(tiny_models, tmp_path):
+    folder, _ = tiny_models["gqa_tied"]
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(f"w{i % 300 + 3}" for i in range(200)))
+    quant = export_onnx(str(folder), tmp_path / "e", OnnxExportOptions(preset="quality-int8", calibration_file=text))
+    quant = quant["quant"]
+    assert quant["preset"] == "quality-int8" and quant["mode"] == "int8" and quant["algo"] == "awq"
+    assert quant["weight_bits"] == 8 and quant["int8_vocab"] == 0 and quant["calibration"]["text"] == str(text)
