@@ -267,9 +267,9 @@ def main() -> None:
         rows += measure(weights, variants, params)
         new = {(r["weights"], r["variant"]) for r in rows}
         merged = [r for r in kept if (r["weights"], r["variant"]) not in new] + rows
-        order: dict[str, int] = {}
-        for i, r in enumerate(kept + rows):  # the earlier table's order; new variants at the end
-            order.setdefault(r["variant"], i)
+        order = {name: i for i, name in enumerate(OURS)}  # ours first, as listed; then the earlier table's order
+        for i, r in enumerate(kept + rows):
+            order.setdefault(r["variant"], len(OURS) + i)
         merged.sort(key=lambda r: (r["weights"] != "orig", order.get(r["variant"], 0)))
         results.write_text(json.dumps(merged, indent=2) + "\n")
     rows = merged

@@ -22,7 +22,7 @@ PRESETS: dict[str, dict] = {
         "int8_layers": "*.v_proj,layers.0.*,layers.-1.*",
         "int8_vocab": 16384,
     },
-    # The whole embedding/lm_head at 8 bits, and the first two and last two layers: 1.28x plain int4 on
+    # The whole embedding/lm_head at 8 bits, and the first two and last two layers: 1.29x plain int4 on
     # SmolLM2-135M-Instruct, smaller than llama.cpp's Q4_K_M of the same weights and closer to the original on
     # KL (docs/quantization.md).
     "quality-plus": {
