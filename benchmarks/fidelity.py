@@ -8,7 +8,8 @@ benchmarks/work/) through benchmarks/peers/worker.py, and logits travel through 
 For each weight set (`orig`: benchmarks/work/smollm2-135m-instruct, the bundled GGUF dequantized; `degrid`:
 the de-gridded copy, see make_135m_checkpoints.py) the reference is transformers fp32 on that same folder, and
 every variant is built from that folder:
-- smolexport int8, int4 rtn / mse / act-mse / act-mse --lm-head-bits 8: `smolexport onnx`, then
+- smolexport's variants (`OURS` below: int8 and --preset quality-int8, int4 rtn / act-mse / awq and the
+  presets): `smolexport onnx`, then
   scored with `smolexport validate`'s own code (smolexport.validate.report: cached decode for the prompts,
   one pass for the text) against the shared reference, i.e. the overall top1_agreement, mean_kl and
   ppl_ratio that `smolexport validate EXPORT --reference FOLDER --json` reports, with the reference computed
