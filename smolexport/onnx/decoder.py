@@ -21,7 +21,7 @@ from ..errors import SmolexportError
 from ..llama_config import LlamaConfig
 from .calibration import Calibration, LayerInput
 from .gptq import gptq_quantize
-from .graph import FLOAT_TYPES, MS_DOMAIN, GraphBuilder
+from .graph import CACHE_TYPES, FLOAT_TYPES, MS_DOMAIN, GraphBuilder
 from .mixed import int8_block_size, wants_int8
 from .quantize import LOG8_TABLE, BlockQuantized, quantize_blockwise
 from .rope import rope_tables
@@ -43,7 +43,7 @@ class DecoderOptions:
     int8_layers: tuple[str, ...] = ()  # in int4 exports, matrices kept at 8 bits (patterns, see mixed.py)
     log8_scales: bool = False  # block scales as 8-bit log codes + one fp32 scale per row (quantize.py)
     int8_vocab: int = 0  # in int4 exports, embedding/lm_head rows of token ids below this at 8 bits (vocab.py)
-    kv_dtype: str | None = None  # KV cache type: fp32 | fp16; None = the activation type (fp16: fused.py)
+    kv_dtype: str | None = None  # KV cache type: fp32 | fp16 | int8; None = the activation type (fused.py, kv_cache.py)
 
     @property
     def cache_dtype(self) -> str:
@@ -51,7 +51,13 @@ class DecoderOptions:
 
     @property
     def calibrated(self) -> bool:
+        """Whether the weights' quantization uses the calibration text."""
         return self.weight_bits is not None and self.algo in ("act-mse", "gptq", "awq")
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether the export runs the calibration text: for the weights, or for the int8 cache's scales."""
+        return self.calibrated or self.cache_dtype == "int8"
 
 
 def kv_names(i: int) -> dict[str, str]:
@@ -320,31 +326,32 @@ def build_decoder(
     calibration_ids: list[int] | None = None,
 ) -> dict:
     """Adds the whole decoder to `g`. `get_weight(hf_name)` returns a float32 array or None if absent.
-    `calibration_ids` (token ids of a calibration text) are needed for algos act-mse and gptq.
+    `calibration_ids` (token ids of a calibration text) are needed for algos act-mse, awq and gptq and for an
+    int8 KV cache.
     Returns what mixed precision did: {"int8_matrices": {graph name: block size}}."""
     get_weight = _requiring(get_weight)
     c, b = config, DecoderBuilder(g, config, options)
     if options.cache_dtype != options.activation_dtype and not options.fused:
         raise SmolexportError("a KV cache type other than the activations' needs the fused graph")
-    float_type = FLOAT_TYPES[options.cache_dtype][1]
+    cache_type = CACHE_TYPES[options.cache_dtype][1]
     g.input("input_ids", TensorProto.INT64, ["batch", "seq"])
     g.input("attention_mask", TensorProto.INT64, ["batch", "total_seq"])
     g.input("position_ids", TensorProto.INT64, ["batch", "seq"])
     for i in range(c.num_hidden_layers):
         io = kv_names(i)
         for key in ("past_key", "past_value"):
-            g.input(io[key], float_type, ["batch", c.num_key_value_heads, "past_seq", c.head_dim])
+            g.input(io[key], cache_type, ["batch", c.num_key_value_heads, "past_seq", c.head_dim])
 
     embed = get_weight("model.embed_tokens.weight")
     embedding = VocabMatrix(b, "embed_tokens", embed, b.lm_head_bits)
     x = embedding.lookup("input_ids")
     calibration = None
-    if options.calibrated:
+    if options.needs_calibration:
         if not calibration_ids:
-            raise ValueError(f"algo {options.algo} needs calibration_ids")
+            raise ValueError(f"algo {options.algo} / KV cache {options.cache_dtype} needs calibration_ids")
         calibration = Calibration(c, embed, calibration_ids)
     lm_head_weight = None if c.tie_word_embeddings else get_weight("lm_head.weight")
-    if lm_head_weight is not None or calibration is None:
+    if lm_head_weight is not None or not options.calibrated:
         embedding.write(None)  # only the tied lm_head waits for the calibration to reach its inputs
     del embed
 
@@ -359,10 +366,10 @@ def build_decoder(
     keep = g.input("logits_to_keep", TensorProto.INT64, [1])
     start = g.node("Neg", [keep], "logits_to_keep/start")
     x = g.node("Slice", [x, start, g.const([2**62]), g.const([1])], "logits_to_keep/slice")
-    final_norm = calibration.final(get_weight("model.norm.weight")) if calibration is not None else None
+    final_norm = calibration.final(get_weight("model.norm.weight")) if options.calibrated else None
     if lm_head_weight is None:
         logits = embedding.project(x)
-        if calibration is not None:
+        if options.calibrated:
             embedding.write(final_norm)
     else:  # untied: a separate [vocab, hidden] matrix
         lm_head = VocabMatrix(b, "lm_head", lm_head_weight, b.lm_head_bits)
@@ -375,7 +382,7 @@ def build_decoder(
     for i in range(c.num_hidden_layers):
         io = kv_names(i)
         for key in ("present_key", "present_value"):
-            g.output(io[key], float_type, ["batch", c.num_key_value_heads, "total_seq", c.head_dim])
+            g.output(io[key], cache_type, ["batch", c.num_key_value_heads, "total_seq", c.head_dim])
     return {"int8_matrices": b.int8_matrices}
 
 
@@ -405,14 +412,21 @@ def _layer_weights(get_weight, i: int) -> tuple[dict, dict, np.ndarray, np.ndarr
 
 
 def _calibrate(b: DecoderBuilder, calibration, i: int, attn: dict, mlp: dict, input_norm, post_norm):
-    """Advances the calibration through layer i: (its linear layers' inputs, input_norm, post_norm). With
-    algo awq, the layer's weights (attn/mlp, in place) and norms come back rescaled (awq.py)."""
+    """Advances the calibration through layer i: (what the layer's graph needs from it, input_norm, post_norm).
+    For calibrated weights: its linear layers' inputs by role ("qkv", "o", "gate_up", "down"); with algo awq,
+    the layer's weights (attn/mlp, in place) and norms come back rescaled (awq.py). For an int8 KV cache:
+    "kv_scales", computed after any rescaling (kv_cache.py)."""
     if calibration is None:
         return {}, input_norm, post_norm
     inputs = calibration.layer(attn, mlp, input_norm, post_norm)
-    if b.o.algo == "awq":
+    if b.o.calibrated and b.o.algo == "awq":
         input_norm, post_norm = b.awq_scale(i, attn, mlp, input_norm, post_norm, inputs)
-    return inputs, input_norm, post_norm
+    found = inputs if b.o.calibrated else {}
+    if b.o.cache_dtype == "int8":
+        from .kv_cache import kv_cache_scales
+
+        found = {**found, "kv_scales": kv_cache_scales(inputs["qkv"].x, attn, b.c.num_key_value_heads)}
+    return found, input_norm, post_norm
 
 
 def _standard_layers(b: DecoderBuilder, x: str, cos_table, sin_table, get_weight, on_layer, calibration) -> str:

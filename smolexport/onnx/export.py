@@ -51,14 +51,15 @@ class OnnxExportOptions:
     # "act-mse" (the same search weighted by calibration activations, see calibration.py) or "gptq" (error
     # compensation with the calibration inputs' Hessian, see gptq.py). None: the preset's, else rtn.
     algo: str | None = None
-    calibration_file: Path | None = None  # text for act-mse/gptq; None = the built-in calibration text
+    calibration_file: Path | None = None  # text for act-mse/awq/gptq and the int8 cache; None = built-in
     # int4 only: comma-separated patterns of matrices kept at 8 bits (see mixed.py). None: the preset's.
     int8_layers: str | None = None
     # int4 only: rows of the embedding/lm_head for the token ids below this kept at 8 bits (vocab.py: low ids
     # are a BPE vocabulary's common tokens). None: the preset's, else 0.
     int8_vocab: int | None = None
     # KV cache type for fp32-activation exports: "fp16" halves the cache's memory (GroupQueryAttention then
-    # computes in fp16; fused graph only). None: as the activations (fp16 exports always cache in fp16).
+    # computes in fp16), "int8" quarters it (fixed per-channel scales from the calibration text, kv_cache.py);
+    # fused graph only. None: as the activations (fp16 exports always cache in fp16).
     kv_cache: str | None = None
     preset: str | None = None  # a named recipe (presets.py) filling the options left None
     force: bool = False
@@ -98,12 +99,15 @@ class OnnxExportOptions:
             raise UsageError(f"block size must be 16, 32, 64, 128 or 256, got {block_size}")
         if scales not in SCALE_FORMATS:
             raise UsageError(f"unknown scale format {scales!r}: choose one of {', '.join(SCALE_FORMATS)}")
-        if self.kv_cache not in (None, "fp16", "fp32"):
-            raise UsageError(f"unknown KV cache type {self.kv_cache!r}: choose fp16 or fp32")
-        if self.kv_cache == "fp16" and not self.fused:
-            raise UsageError("--kv-cache fp16 needs the fused graph (GroupQueryAttention): drop --standard-ops")
-        if self.kv_cache == "fp32" and quant == "fp16":
-            raise UsageError("--kv-cache fp32 with --quant fp16 is not supported: fp16 exports cache in fp16")
+        if self.kv_cache not in (None, "fp16", "fp32", "int8"):
+            raise UsageError(f"unknown KV cache type {self.kv_cache!r}: choose fp32, fp16 or int8")
+        if self.kv_cache in ("fp16", "int8") and not self.fused:
+            raise UsageError(
+                f"--kv-cache {self.kv_cache} needs the fused graph (GroupQueryAttention): drop --standard-ops"
+            )
+        if self.kv_cache in ("fp32", "int8") and quant == "fp16":
+            kv = self.kv_cache
+            raise UsageError(f"--kv-cache {kv} with --quant fp16 is not supported: fp16 exports cache in fp16")
         context = self.context_length or max_positions
         if not 0 < context <= max_positions:
             raise UsageError(f"context length must be between 1 and the model's {max_positions}, got {context}")
@@ -134,7 +138,7 @@ def export_onnx(model: str, output: Path, options: OnnxExportOptions, progress: 
         progress.step("writing tokenizer, chat template and generation config")
         source.write_tokenizer(staging)
         calibration_ids = None
-        if decoder.calibrated:
+        if decoder.needs_calibration:
             calibration_ids = load_calibration_ids(staging / "tokenizer.json", options.calibration_file)
             progress.step(f"calibrating on {len(calibration_ids)} tokens while building")
         built = _write_model(staging, source, decoder, progress, calibration_ids)
@@ -192,7 +196,7 @@ def _manifest(
             "algo": decoder.algo if decoder.weight_bits else None,
             "calibration": (
                 {"text": str(options.calibration_file or "built-in"), "max_tokens": DEFAULT_TOKENS}
-                if decoder.calibrated
+                if decoder.needs_calibration
                 else None
             ),
             "weight_bits": decoder.weight_bits,
@@ -217,7 +221,7 @@ def _manifest(
         "model": model_manifest(c, decoder.context_length),
         "kv_cache": {
             "layout": "batch,kv_heads,seq,head_dim",
-            "dtype": "float16" if decoder.cache_dtype == "fp16" else "float32",
+            "dtype": {"fp16": "float16", "int8": "int8"}.get(decoder.cache_dtype, "float32"),
         },
         "io": {
             "inputs": inputs,

@@ -26,9 +26,11 @@ class FusedLayers:
         lengths = g.node("ReduceSum", ["attention_mask", g.const([1])], "gqa/lengths", keepdims=0)
         lengths = g.node("Sub", [lengths, g.const(1)], "gqa/lengths_minus_1")
         self.seqlens_k = g.node("Cast", [lengths], "gqa/seqlens_k", to=TensorProto.INT32)
-        # GroupQueryAttention computes in its cache's type: with an fp16 cache under fp32 activations
-        # (--kv-cache fp16), the packed q/k/v goes in and the context comes out through a Cast.
-        self.cache_type = FLOAT_TYPES[builder.o.cache_dtype]
+        # GroupQueryAttention computes in its cache's float type: with an fp16 cache under fp32 activations
+        # (--kv-cache fp16), the packed q/k/v goes in and the context comes out through a Cast. An int8 cache
+        # (kv_cache.py) is dequantized inside it: it computes in the activations' type.
+        self.int8_cache = builder.o.cache_dtype == "int8"
+        self.cache_type = FLOAT_TYPES[builder.o.activation_dtype if self.int8_cache else builder.o.cache_dtype]
         self.cos = g.initializer("rope.cos", cos_table.astype(self.cache_type[0]))
         self.sin = g.initializer("rope.sin", sin_table.astype(self.cache_type[0]))
 
@@ -54,12 +56,16 @@ class FusedLayers:
         if converts:
             qkv = g.node("Cast", [qkv], f"{name}/qkv_to_cache_type", to=self.cache_type[1])
         io = kv_names(i)
+        inputs = [qkv, "", "", io["past_key"], io["past_value"], self.seqlens_k, self.total_length, self.cos, self.sin]
+        quantized = {}
+        if self.int8_cache:  # inputs 9-11 (position_ids, attention_bias, head_sink) unused, then the scales
+            k_scale, v_scale = power["kv_scales"]
+            inputs += ["", "", "", g.initializer(f"{name}.k_scale", k_scale), g.initializer(f"{name}.v_scale", v_scale)]
+            quantized = {"k_quant_type": "PER_CHANNEL", "v_quant_type": "PER_CHANNEL", "kv_cache_bit_width": 8}
         g.node_to(
-            "GroupQueryAttention",
-            [qkv, "", "", io["past_key"], io["past_value"], self.seqlens_k, self.total_length, self.cos, self.sin],
-            [f"{name}/context", io["present_key"], io["present_value"]],
+            "GroupQueryAttention", inputs, [f"{name}/context", io["present_key"], io["present_value"]],
             domain=MS_DOMAIN, num_heads=c.num_attention_heads, kv_num_heads=c.num_key_value_heads,
-            scale=float(1.0 / np.sqrt(c.head_dim)), do_rotary=1, rotary_interleaved=0,
+            scale=float(1.0 / np.sqrt(c.head_dim)), do_rotary=1, rotary_interleaved=0, **quantized,
         )  # fmt: skip
         context = f"{name}/context"
         if converts:

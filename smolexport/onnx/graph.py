@@ -23,6 +23,7 @@ ALIGNMENT = 1 << 16
 DEFAULT_OPSET = 17
 MS_DOMAIN = "com.microsoft"
 FLOAT_TYPES = {"fp32": (np.float32, TensorProto.FLOAT), "fp16": (np.float16, TensorProto.FLOAT16)}
+CACHE_TYPES = {**FLOAT_TYPES, "int8": (np.int8, TensorProto.INT8)}  # KV cache element types (kv_cache.py)
 
 
 class GraphBuilder:

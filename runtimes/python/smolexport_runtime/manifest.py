@@ -18,7 +18,7 @@ MANIFEST_NAME = "smolexport.json"
 FORMAT = "smolexport-onnx"
 FORMAT_VERSION = 1
 KV_LAYOUT = "batch,kv_heads,seq,head_dim"
-KV_DTYPES = ("float32", "float16")
+KV_DTYPES = ("float32", "float16", "int8")
 # 4 MiB reads: large enough to hash multi-GB weight files at disk speed, small enough to stay off the heap.
 HASH_CHUNK = 1 << 22
 

@@ -34,7 +34,7 @@ CUDA = "CUDAExecutionProvider"
 # Inputs a graph may have beyond the contract: `logits_to_keep` (default 0 = logits for all positions).
 OPTIONAL_INPUTS = ("logits_to_keep",)
 # onnxruntime's names for the cache element types the manifest allows.
-ORT_KV_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)"}
+ORT_KV_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int8": "tensor(int8)"}
 
 
 def resolve_providers(requested: str | Sequence[str], available: Sequence[str]) -> list[str]:
