@@ -8,11 +8,12 @@ next-token distributions and top-1 agreement. No ONNX export, so a variant takes
   --scan GROUPS: quantize one group of matrices at a time (the rest stay float) and rank the groups by KL.
   --variants: whole-model variants (algo + --int8-layers patterns), e.g. to choose a preset.
 
-The default text is docs/export-folder.md: neither the calibration text nor validation's inputs. `--dev` scores
-on the held-out dev set instead (benchmarks/dev: chat prompts with the float model's answers, and two texts),
-pooled like `smolexport validate`; variants may end in `:option=value,...` (DecoderOptions fields):
-`accuracy_level=4` also rounds each quantized matrix's input to int8 per block, as the export's default
-MatMulNBits kernels on CPU do (and the awq search then models it); `weight_bits=8,lm_head_bits=8` for int8.
+The default text is benchmarks/dev/export-folder-text.txt (a frozen copy of an early docs/export-folder.md):
+neither the calibration text nor validation's inputs. `--dev` scores on the held-out dev set instead
+(benchmarks/dev: chat prompts with the float model's answers, and two texts), pooled like `smolexport validate`;
+variants may end in `:option=value,...` (DecoderOptions fields): `accuracy_level=4` also rounds each quantized
+matrix's input to int8 per block, as the export's default MatMulNBits kernels on CPU do (and the awq search then
+models it); `weight_bits=8,lm_head_bits=8` for int8.
 
   .venv/bin/python benchmarks/sensitivity.py --model benchmarks/work/smollm2-135m-instruct-degrid --scan
   .venv/bin/python benchmarks/sensitivity.py --model DIR --variants "rtn:" "gptq:embed_tokens,lm_head"
@@ -39,6 +40,8 @@ from smolexport.onnx.mixed import parse_patterns
 ROOT = Path(__file__).resolve().parent.parent
 MATRICES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
             "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}  # fmt: skip
+# A frozen copy of docs/export-folder.md as it was when the dev set was chosen: the doc may change, the dev set not.
+DEFAULT_TEXT = ROOT / "benchmarks" / "dev" / "export-folder-text.txt"
 ROLES = {"q": "qkv", "k": "qkv", "v": "qkv", "o": "o", "gate": "gate_up", "up": "gate_up", "down": "down"}
 
 
@@ -150,7 +153,7 @@ def dev_segments(model, folder: Path, tokens: int) -> list:
         ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
         answer = model.generate(torch.tensor([ids]), max_new_tokens=48, do_sample=False)[0]
         segments.append((answer, len(ids) - 1, False))
-    for text in (ROOT / "benchmarks" / "dev" / "text.txt", ROOT / "docs" / "export-folder.md"):
+    for text in (ROOT / "benchmarks" / "dev" / "text.txt", DEFAULT_TEXT):
         segments.append((torch.tensor(tokenizer(text.read_text()).input_ids[:tokens]), 0, True))
     return segments
 
@@ -158,7 +161,7 @@ def dev_segments(model, folder: Path, tokens: int) -> list:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="Hugging Face folder")
-    parser.add_argument("--text", type=Path, default=ROOT / "docs" / "export-folder.md")
+    parser.add_argument("--text", type=Path, default=DEFAULT_TEXT)
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--algo", default="rtn", help="algorithm for --scan")
     parser.add_argument("--scan", action="store_true", help="quantize one group at a time")
