@@ -9,12 +9,12 @@ import onnx
 import pytest
 from onnx import numpy_helper
 from smolexport_runtime import load
-from smolexport_runtime.generate import decode_one_token, prefill
 
 from smolexport.onnx.decoder import DecoderBuilder, DecoderOptions, _calibrate
 from smolexport.onnx.export import OnnxExportOptions, export_onnx
 from smolexport.onnx.kv_cache import MARGIN, kv_cache_scales
 from tests.export.test_cli_errors import assert_one_line_error, run_cli
+from tests.export.test_runtime_on_export import prefill_and_decode
 
 
 def _rotate_half(k: np.ndarray, angles: np.ndarray) -> np.ndarray:
@@ -85,14 +85,9 @@ def test_int8_cache_export_runs_close_to_the_float_cache(tiny_models, tmp_path, 
         export_onnx(str(folder), tmp_path / kv, options)
         decoder = load(tmp_path / kv).decoder
         assert decoder.kv_dtype == np.dtype("int8" if kv == "int8" else "float32")
-        ids = [5, 9, 11, 40, 7, 13, 21, 8, 30]
-        step, cache, n = prefill(decoder, ids, chunk_size=4, capacity=len(ids) + 3)
+        logits[kv], cache, n = prefill_and_decode(decoder)
         assert cache[0].data_type() == ("tensor(int8)" if kv == "int8" else "tensor(float)")
-        steps = [step]
-        for token in (3, 17, 25):
-            step, cache, n = decode_one_token(decoder, token, cache, n)
-            steps.append(step)
-        logits[kv], caches[kv] = np.stack(steps), [c.numpy()[:, :, :n] for c in cache[:2]]
+        caches[kv] = [c.numpy()[:, :, :n] for c in cache[:2]]
     manifest = json.loads((tmp_path / "int8" / "smolexport.json").read_text())
     assert manifest["kv_cache"]["dtype"] == "int8" and manifest["quant"]["calibration"]["text"] == str(calibration)
     graph = onnx.load(tmp_path / "int8" / "model.onnx")

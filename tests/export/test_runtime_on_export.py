@@ -56,11 +56,24 @@ def test_preallocated_cache_matches_grown_cache(tiny_models, tmp_path):
         decode_one_token(decoder, 4, shared, n + 3)
 
 
+def prefill_and_decode(decoder, ids=(5, 9, 11, 40, 7, 13, 21, 8, 30), then=(3, 17, 25)):
+    """Prefills `ids` in chunks of 4 into a cache preallocated for them and `then`, then decodes `then`:
+    returns the logits of each step [1 + len(then), vocab], the cache and its length."""
+    import numpy as np
+    from smolexport_runtime.generate import decode_one_token, prefill
+
+    step, cache, n = prefill(decoder, list(ids), chunk_size=4, capacity=len(ids) + len(then))
+    steps = [step]
+    for token in then:
+        step, cache, n = decode_one_token(decoder, token, cache, n)
+        steps.append(step)
+    return np.stack(steps), cache, n
+
+
 def test_fp16_cache_under_fp32_activations_runs_in_the_runtime(tiny_models, tmp_path):
     """--kv-cache fp16 on an int4 export: the runtime allocates fp16 buffers from the manifest, writes them in
     place, and the logits stay within fp16 rounding of the fp32-cache export's."""
     import numpy as np
-    from smolexport_runtime.generate import decode_one_token, prefill
 
     folder, _ = tiny_models["gqa_tied"]
     logits = {}
@@ -68,13 +81,7 @@ def test_fp16_cache_under_fp32_activations_runs_in_the_runtime(tiny_models, tmp_
         export_onnx(str(folder), tmp_path / kv, OnnxExportOptions(quant="int4", kv_cache=kv))
         decoder = load(tmp_path / kv).decoder
         assert decoder.kv_dtype == np.dtype("float16" if kv == "fp16" else "float32")
-        ids = [5, 9, 11, 40, 7, 13, 21, 8, 30]
-        step, cache, n = prefill(decoder, ids, chunk_size=4, capacity=len(ids) + 3)
+        logits[kv], cache, _ = prefill_and_decode(decoder)
         assert cache[0].data_type() == ("tensor(float16)" if kv == "fp16" else "tensor(float)")
-        steps = [step]
-        for token in (3, 17, 25):
-            step, cache, n = decode_one_token(decoder, token, cache, n)
-            steps.append(step)
-        logits[kv] = np.stack(steps)
     assert np.abs(logits["fp32"]).max() > 1  # logits of a real size, so the tolerance below means something
     np.testing.assert_allclose(logits["fp16"], logits["fp32"], atol=5e-2, rtol=0)
