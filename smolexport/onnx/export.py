@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 
 from .. import __version__
@@ -18,7 +19,7 @@ from ..progress import SILENT, Progress
 from ..sources import ModelSource, open_source
 from .calibration import DEFAULT_TOKENS, load_calibration_ids
 from .decoder import DecoderOptions, build_decoder, kv_names
-from .graph import GraphBuilder
+from .graph import CACHE_TYPES, GraphBuilder
 from .mixed import parse_patterns
 from .presets import PRESETS, preset
 
@@ -221,7 +222,7 @@ def _manifest(
         "model": model_manifest(c, decoder.context_length),
         "kv_cache": {
             "layout": "batch,kv_heads,seq,head_dim",
-            "dtype": {"fp16": "float16", "int8": "int8"}.get(decoder.cache_dtype, "float32"),
+            "dtype": np.dtype(CACHE_TYPES[decoder.cache_dtype][0]).name,  # float32 | float16 | int8
         },
         "io": {
             "inputs": inputs,
