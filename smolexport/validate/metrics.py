@@ -26,6 +26,18 @@ class LogitComparison:
     # At the first position where the export's argmax leaves the targets: the reference's top-1 minus top-2
     # logit there. A small margin (below the quant mode's logit error) means a near tie, not a broken export.
     divergence_margin: float | None = None
+    # Standard error of the mean per-token log-likelihood difference (export - reference), by batch means
+    # (`nll_difference_stderr`); None when the sequence is too short for two batches.
+    nll_difference_stderr: float | None = None
+
+    def ppl_ratio_interval(self, z: float = 1.96) -> tuple[float, float] | None:
+        """An approximate 95% interval of the perplexity ratio: how far this text's ratio may sit from what
+        the same export would score on more text of its kind."""
+        if self.nll_difference_stderr is None:
+            return None
+        center = self.nll_export - self.nll_reference
+        spread = z * self.nll_difference_stderr
+        return float(np.exp(center - spread)), float(np.exp(center + spread))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -54,4 +66,19 @@ def compare_logits(reference: np.ndarray, export: np.ndarray, targets: np.ndarra
         nll_reference=float(-ref_lp[rows, targets].mean()),
         nll_export=float(-exp_lp[rows, targets].mean()),
         divergence_margin=margin,
+        nll_difference_stderr=nll_difference_stderr(ref_lp[rows, targets] - exp_lp[rows, targets]),
     )
+
+
+BATCH_TOKENS = 32  # neighbouring tokens' losses are correlated; batches of 32 tokens are nearly independent
+
+
+def nll_difference_stderr(differences: np.ndarray, batch: int = BATCH_TOKENS) -> float | None:
+    """Standard error of the mean of per-token differences, from the spread of the means of consecutive
+    batches (the batch-means method: unlike the per-token spread, it allows for correlation between nearby
+    tokens). None with fewer than two whole batches."""
+    n_batches = len(differences) // batch
+    if n_batches < 2:
+        return None
+    means = differences[: n_batches * batch].reshape(n_batches, batch).mean(axis=1)
+    return float(means.std(ddof=1) / np.sqrt(n_batches))

@@ -75,7 +75,7 @@ class ValidationReport:
             f"  top-1 agreement {o['top1_agreement']:.4f}   mean KL {o['mean_kl']:.3g}   "
             f"max |logit diff| {o['max_abs_logit_diff']:.3g}   mean {o['mean_abs_logit_diff']:.3g}",
             f"  perplexity: reference {self.text['ppl_reference']:.3f}, export {self.text['ppl_export']:.3f}, "
-            f"ratio {o['ppl_ratio']:.4f}",
+            f"ratio {o['ppl_ratio']:.4f}{_interval(self.text)}",
         ]
         if self.latency:
             lat = self.latency
@@ -118,7 +118,7 @@ class ValidationReport:
             f"| mean KL (nats) | {o['mean_kl']:.3g} |",
             f"| max / mean abs logit diff | {o['max_abs_logit_diff']:.3g} / {o['mean_abs_logit_diff']:.3g} |",
             f"| perplexity (reference, export, ratio) | {self.text['ppl_reference']:.3f}, "
-            f"{self.text['ppl_export']:.3f}, {o['ppl_ratio']:.4f} |",
+            f"{self.text['ppl_export']:.3f}, {o['ppl_ratio']:.4f}{_interval(self.text)} |",
             f"| greedy identical | {greedy}/{len(self.prompts)} prompts |",
         ]
         if self.latency:
@@ -227,6 +227,7 @@ def validate_export(
         **text_cmp.to_dict(),
         "ppl_reference": float(np.exp(text_cmp.nll_reference)),
         "ppl_export": float(np.exp(text_cmp.nll_export)),
+        "ppl_ratio_interval": text_cmp.ppl_ratio_interval(),
     }
 
     overall = _overall(comparisons + [text_cmp], prompt_results, text_result)
@@ -251,6 +252,11 @@ def validate_export(
         seconds=time.perf_counter() - started,
         latency=timings.summary(export.decoder),
     )
+
+
+def _interval(text: dict) -> str:
+    interval = text.get("ppl_ratio_interval")
+    return "" if interval is None else f" (95% interval {interval[0]:.3f}-{interval[1]:.3f})"
 
 
 def _format(export_dir: Path) -> str | None:
