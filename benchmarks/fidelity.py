@@ -179,7 +179,7 @@ def peer_metrics(ref: dict, logits_file: Path) -> dict:
     text_rows = data[f"seq{len(ref['prompts'])}"][:-1]
     t = compare_logits(ref["text"]["logits"], text_rows, np.array(ref["text"]["ids"][1:]))
     text = {"ppl_reference": float(np.exp(t.nll_reference)), "ppl_export": float(np.exp(t.nll_export))}
-    return _overall(comparisons + [t], prompt_results, text)
+    return {**_overall(comparisons + [t], prompt_results, text), "ppl_ratio_interval": t.ppl_ratio_interval()}
 
 
 def ours_metrics(ref: dict, export_dir: Path) -> dict:
@@ -202,7 +202,20 @@ def ours_metrics(ref: dict, export_dir: Path) -> dict:
     rows = _export_logits_uncached(decoder, ref["text"]["ids"])[:-1]
     t = compare_logits(ref["text"]["logits"], rows, np.array(ref["text"]["ids"][1:]))
     text = {"ppl_reference": float(np.exp(t.nll_reference)), "ppl_export": float(np.exp(t.nll_export))}
-    return _overall(comparisons + [t], prompt_results, text)
+    return {**_overall(comparisons + [t], prompt_results, text), "ppl_ratio_interval": t.ppl_ratio_interval()}
+
+
+def gguf_tensor_types(path: Path) -> dict[str, float]:
+    """Share of the weights stored in each GGUF tensor type. llama.cpp's K-quants need inputs in multiples of 256
+    and fall back to other types elsewhere: on SmolLM2-135M (hidden 576) most of "Q4_K_M" is Q5_0 and Q8_0."""
+    from gguf import GGUFReader
+
+    counts: dict[str, int] = {}
+    for tensor in GGUFReader(path).tensors:
+        if len(tensor.shape) > 1:  # matrices; the norms' vectors stay F32 in every type
+            counts[tensor.tensor_type.name] = counts.get(tensor.tensor_type.name, 0) + int(tensor.n_elements)
+    total = sum(counts.values())
+    return {kind: round(n / total, 3) for kind, n in sorted(counts.items(), key=lambda kv: -kv[1])}
 
 
 def measure(weights: str, variants: list[dict], params: int) -> list[dict]:
@@ -224,9 +237,12 @@ def measure(weights: str, variants: list[dict], params: int) -> list[dict]:
         rows.append({
             "weights": weights, "variant": v["name"], "artifact_mb": size / 1e6, "bits_per_weight": 8 * size / params,
             "top1_agreement": overall["top1_agreement"], "mean_kl": overall["mean_kl"],
-            "ppl_ratio": overall["ppl_ratio"], "greedy_identical_fraction": overall["greedy_identical_fraction"],
+            "ppl_ratio": overall["ppl_ratio"], "ppl_ratio_interval": overall["ppl_ratio_interval"],
+            "greedy_identical_fraction": overall["greedy_identical_fraction"],
             "positions": overall["positions"], "seconds": round(time.perf_counter() - started, 1),
         })  # fmt: skip
+        if v["kind"] == "llamacpp":
+            rows[-1]["tensor_types"] = gguf_tensor_types(Path(v["path"]))
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -236,15 +252,23 @@ def markdown(rows: list[dict], weights: str) -> str:
     lines = [
         f"**{title}**: reference transformers fp32 on `benchmarks/work/{FOLDERS[weights].name}`",
         "",
-        "| variant | artifact MB | bits/weight | top-1 agreement | mean KL | ppl ratio | greedy identical |",
+        "| variant | artifact MB | bits/weight | top-1 agreement | mean KL | ppl ratio (95% int.) | greedy identical |",
         "|---|---|---|---|---|---|---|",
     ]
+    notes = []
     for r in rows:
         if r["weights"] == weights:
+            low, high = r.get("ppl_ratio_interval") or (float("nan"), float("nan"))
             lines.append(
                 f"| {r['variant']} | {r['artifact_mb']:.0f} | {r['bits_per_weight']:.2f} | {r['top1_agreement']:.3f} | "
-                f"{r['mean_kl']:.3g} | {r['ppl_ratio']:.3f} | {r['greedy_identical_fraction'] * 8:.0f}/8 |"
+                f"{r['mean_kl']:.3g} | {r['ppl_ratio']:.3f} ({low:.2f}-{high:.2f}) | "
+                f"{r['greedy_identical_fraction'] * 8:.0f}/8 |"
             )
+            if r.get("tensor_types"):
+                shares = ", ".join(f"{kind} {share:.0%}" for kind, share in r["tensor_types"].items())
+                notes.append(f"- {r['variant']}: weights stored as {shares}")
+    if notes:
+        lines += ["", "What llama.cpp stored (share of the matrices' weights per GGUF type):", *notes]
     return "\n".join(lines) + "\n"
 
 
