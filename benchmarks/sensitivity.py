@@ -6,6 +6,7 @@ PyTorch model, and compared with the float model on a held-out text: mean KL(flo
 next-token distributions and top-1 agreement. No ONNX export, so a variant takes seconds.
 
   --scan GROUPS: quantize one group of matrices at a time (the rest stay float) and rank the groups by KL.
+  --scan-layers KIND: the same, one layer's KIND matrix (e.g. down_proj) at a time.
   --variants: whole-model variants (algo + --int8-layers patterns), e.g. to choose a preset.
 
 The default text is benchmarks/dev/export-folder-text.txt (a frozen copy of an early docs/export-folder.md):
@@ -18,6 +19,11 @@ models it); `weight_bits=8,lm_head_bits=8` for int8.
   .venv/bin/python benchmarks/sensitivity.py --model benchmarks/work/smollm2-135m-instruct-degrid --scan
   .venv/bin/python benchmarks/sensitivity.py --model DIR --variants "rtn:" "gptq:embed_tokens,lm_head"
   .venv/bin/python benchmarks/sensitivity.py --model DIR --dev --variants "awq:*.v_proj:block_size=16,log8_scales=1"
+  .venv/bin/python benchmarks/sensitivity.py --model DIR --dev --gguf DIR/llamacpp-q4_k_m.gguf  # a peer's weights
+  .venv/bin/python benchmarks/sensitivity.py --model DIR --dev --scan-layers down_proj
+
+`--gguf` scores a GGUF's weights as transformers dequantizes them (float activations: llama.cpp's own
+rounding of the activations is not modelled; compare with variants scored without `accuracy_level=4`).
 """
 
 from __future__ import annotations
@@ -165,10 +171,12 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--algo", default="rtn", help="algorithm for --scan")
     parser.add_argument("--scan", action="store_true", help="quantize one group at a time")
+    parser.add_argument("--scan-layers", metavar="KIND", help="quantize one layer's KIND (e.g. down_proj) at a time")
     parser.add_argument("--variants", nargs="*", default=[], metavar="ALGO:PATTERNS")
     parser.add_argument("--calibration", type=Path, default=None, help="calibration text (default: built-in)")
     parser.add_argument("--calibration-tokens", type=int, default=None)
     parser.add_argument("--dev", action="store_true", help="score on benchmarks/dev (chat answers + texts)")
+    parser.add_argument("--gguf", type=Path, nargs="*", default=[], help="also score these GGUF files' weights")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
@@ -213,6 +221,11 @@ def main() -> None:
         options = DecoderOptions(weight_bits=4, lm_head_bits=4, algo=args.algo)
         for label, only in groups.items():
             run(f"int4 {args.algo}: only {label}", options, only)
+    if args.scan_layers:
+        options = DecoderOptions(weight_bits=4, lm_head_bits=4, algo=args.algo)
+        for i in range(config.num_hidden_layers):
+            name = f"layers.{i}.{args.scan_layers}"
+            run(f"int4 {args.algo}: only {name}", options, name.__eq__)
     for variant in args.variants:
         algo, _, rest = variant.partition(":")
         patterns, _, extra = rest.partition(":")  # extra: DecoderOptions overrides, e.g. "block_size=16"
@@ -220,6 +233,12 @@ def main() -> None:
         overrides = {"weight_bits": 4, "lm_head_bits": 4, **overrides}  # e.g. weight_bits=8,lm_head_bits=8
         options = DecoderOptions(algo=algo, int8_layers=parse_patterns(patterns), **overrides)
         run(variant, options)
+    for gguf in args.gguf:  # e.g. llama.cpp's quantizations of the same weights, dequantized by transformers
+        started = time.perf_counter()
+        other = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, torch_dtype=torch.float32)
+        row = {"variant": f"gguf {gguf}", **compare(references, other.eval(), segments)}
+        print(json.dumps({**row, "seconds": round(time.perf_counter() - started)}), flush=True)
+        results.append(row)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
 
