@@ -163,9 +163,19 @@ def reference(weights: str, export_dir: Path, tmp: Path) -> dict:
     return {"prompts": prompts, "text": text}
 
 
+def _pooled(comparisons: list, prompt_results: list[dict], text_cmp) -> dict:
+    """validate's overall metrics of the prompts' and the text's comparisons, with the ratio's interval."""
+    from smolexport.validate.report import _overall, text_perplexity
+
+    text = text_perplexity(text_cmp)
+    return {
+        **_overall(comparisons + [text_cmp], prompt_results, text),
+        "ppl_ratio_interval": text["ppl_ratio_interval"],
+    }
+
+
 def peer_metrics(ref: dict, logits_file: Path) -> dict:
     from smolexport.validate.metrics import compare_logits
-    from smolexport.validate.report import _overall
 
     data = np.load(logits_file)
     comparisons, prompt_results = [], []
@@ -178,8 +188,7 @@ def peer_metrics(ref: dict, logits_file: Path) -> dict:
         )
     text_rows = data[f"seq{len(ref['prompts'])}"][:-1]
     t = compare_logits(ref["text"]["logits"], text_rows, np.array(ref["text"]["ids"][1:]))
-    text = {"ppl_reference": float(np.exp(t.nll_reference)), "ppl_export": float(np.exp(t.nll_export))}
-    return {**_overall(comparisons + [t], prompt_results, text), "ppl_ratio_interval": t.ppl_ratio_interval()}
+    return _pooled(comparisons, prompt_results, t)
 
 
 def ours_metrics(ref: dict, export_dir: Path) -> dict:
@@ -188,7 +197,7 @@ def ours_metrics(ref: dict, export_dir: Path) -> dict:
     from smolexport_runtime import load
 
     from smolexport.validate.metrics import compare_logits
-    from smolexport.validate.report import _export_logits_cached, _export_logits_uncached, _overall
+    from smolexport.validate.report import _export_logits_cached, _export_logits_uncached
 
     decoder = load(export_dir, providers="cpu").decoder
     comparisons, prompt_results = [], []
@@ -201,8 +210,7 @@ def ours_metrics(ref: dict, export_dir: Path) -> dict:
         )
     rows = _export_logits_uncached(decoder, ref["text"]["ids"])[:-1]
     t = compare_logits(ref["text"]["logits"], rows, np.array(ref["text"]["ids"][1:]))
-    text = {"ppl_reference": float(np.exp(t.nll_reference)), "ppl_export": float(np.exp(t.nll_export))}
-    return {**_overall(comparisons + [t], prompt_results, text), "ppl_ratio_interval": t.ppl_ratio_interval()}
+    return _pooled(comparisons, prompt_results, t)
 
 
 def gguf_tensor_types(path: Path) -> dict[str, float]:

@@ -1,5 +1,5 @@
-"""The perplexity ratio's interval in `smolexport validate`: a batch-means standard error of the mean per-token
-log-likelihood difference."""
+"""The perplexity ratio's interval in `smolexport validate`: from the standard error of the mean per-token
+log-likelihood difference (the larger of the textbook and the batch-means one)."""
 
 import numpy as np
 

@@ -26,8 +26,8 @@ class LogitComparison:
     # At the first position where the export's argmax leaves the targets: the reference's top-1 minus top-2
     # logit there. A small margin (below the quant mode's logit error) means a near tie, not a broken export.
     divergence_margin: float | None = None
-    # Standard error of the mean per-token log-likelihood difference (export - reference), by batch means
-    # (`nll_difference_stderr`); None when the sequence is too short for two batches.
+    # Standard error of the mean per-token log-likelihood difference (export - reference), see
+    # `nll_difference_stderr`; None when the sequence is too short for two batches.
     nll_difference_stderr: float | None = None
 
     def ppl_ratio_interval(self, z: float = 1.96) -> tuple[float, float] | None:
@@ -52,6 +52,7 @@ def compare_logits(reference: np.ndarray, export: np.ndarray, targets: np.ndarra
     agree = reference.argmax(axis=-1) == export_top1
     mismatches = np.flatnonzero(export_top1 != targets)
     rows = np.arange(len(targets))
+    ref_target, exp_target = ref_lp[rows, targets], exp_lp[rows, targets]  # each model's log-prob of the targets
     margin = None
     if len(mismatches):
         top2 = np.partition(reference[mismatches[0]].astype(np.float64), -2)[-2:]
@@ -63,10 +64,10 @@ def compare_logits(reference: np.ndarray, export: np.ndarray, targets: np.ndarra
         top1_agreement=float(agree.mean()),
         mean_kl=float(kl.mean()),
         greedy_match=int(mismatches[0]) if len(mismatches) else len(targets),
-        nll_reference=float(-ref_lp[rows, targets].mean()),
-        nll_export=float(-exp_lp[rows, targets].mean()),
+        nll_reference=float(-ref_target.mean()),
+        nll_export=float(-exp_target.mean()),
         divergence_margin=margin,
-        nll_difference_stderr=nll_difference_stderr(ref_lp[rows, targets] - exp_lp[rows, targets]),
+        nll_difference_stderr=nll_difference_stderr(ref_target - exp_target),
     )
 
 

@@ -223,12 +223,7 @@ def validate_export(
     ref_logits = _torch_logits(torch_model, np.array(text_ids))[:-1]
     exp_logits = _export_logits_uncached(export.decoder, text_ids)[:-1]
     text_cmp = compare_logits(ref_logits, exp_logits, np.array(text_ids[1:]))
-    text_result = {
-        **text_cmp.to_dict(),
-        "ppl_reference": float(np.exp(text_cmp.nll_reference)),
-        "ppl_export": float(np.exp(text_cmp.nll_export)),
-        "ppl_ratio_interval": text_cmp.ppl_ratio_interval(),
-    }
+    text_result = {**text_cmp.to_dict(), **text_perplexity(text_cmp)}
 
     overall = _overall(comparisons + [text_cmp], prompt_results, text_result)
     checks = [
@@ -252,6 +247,15 @@ def validate_export(
         seconds=time.perf_counter() - started,
         latency=timings.summary(export.decoder),
     )
+
+
+def text_perplexity(text_cmp: LogitComparison) -> dict[str, Any]:
+    """The text's perplexity under each model and the ratio's interval, as the report's `text` carries them."""
+    return {
+        "ppl_reference": float(np.exp(text_cmp.nll_reference)),
+        "ppl_export": float(np.exp(text_cmp.nll_export)),
+        "ppl_ratio_interval": text_cmp.ppl_ratio_interval(),
+    }
 
 
 def _interval(text: dict) -> str:
