@@ -48,6 +48,7 @@ class GenerationStats:
     """Filled in while a stream runs; finish_reason stays None if the caller stops reading early."""
 
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from a kept cache, not a prefill
     completion_tokens: int = 0  # tokens sampled, including a final eos token
     finish_reason: FinishReason | None = None
     ttft_s: float = 0.0  # prefill + first sample: time until the first token id exists
@@ -63,6 +64,36 @@ def position_ids_from_mask(attention_mask: np.ndarray, seq_len: int) -> np.ndarr
     return positions[:, -seq_len:].astype(np.int64)
 
 
+def ones_mask(length: int) -> np.ndarray:
+    """An all-ones attention mask [1, length] for an unpadded sequence: a view of one shared array, grown by
+    doubling, so that a decode step allocates nothing that grows with the text. Read-only: never write to it."""
+    global _ONES
+    if _ONES.shape[1] < length:
+        _ONES = np.ones((1, max(length, 2 * _ONES.shape[1])), dtype=np.int64)
+        _ONES.flags.writeable = False
+    return _ONES[:, :length]
+
+
+_ONES = np.ones((1, 0), dtype=np.int64)
+
+
+def extend(
+    decoder: Decoder, cache: list, length: int, ids: Sequence[int], chunk_size: int | None = None
+) -> tuple[np.ndarray, list, int]:
+    """Feeds `ids` after `length` cached tokens, in chunks: returns the last position's logits, the cache and
+    its new length. `prefill` is this on an empty cache; a conversation extends the cache it already has."""
+    if len(ids) == 0:
+        raise ValueError("the prompt is empty: at least one token is needed to start generation")
+    chunk_size = chunk_size or getattr(decoder, "prefill_chunk", PREFILL_CHUNK)
+    for start in range(0, len(ids), chunk_size):
+        chunk = np.asarray([ids[start : start + chunk_size]], dtype=np.int64)
+        end = length + chunk.shape[1]
+        positions = np.arange(length, end, dtype=np.int64)[None, :]
+        logits, cache = decoder.forward(chunk, ones_mask(end), positions, cache, logits_to_keep=1)
+        length = end
+    return logits[0, -1], cache, length
+
+
 def prefill(
     decoder: Decoder, ids: Sequence[int], chunk_size: int | None = None, capacity: int | None = None
 ) -> tuple[np.ndarray, list[np.ndarray], int]:
@@ -71,18 +102,9 @@ def prefill(
     `chunk_size`: prompt tokens per call; by default the decoder's `prefill_chunk`, else PREFILL_CHUNK."""
     if len(ids) == 0:
         raise ValueError("the prompt is empty: at least one token is needed to start generation")
-    chunk_size = chunk_size or getattr(decoder, "prefill_chunk", PREFILL_CHUNK)
     # Decoders written to the plain `empty_cache(batch)` contract keep working when no capacity is asked for.
     cache = decoder.empty_cache(1) if capacity is None else decoder.empty_cache(1, capacity=capacity)
-    length = 0
-    for start in range(0, len(ids), chunk_size):
-        chunk = np.asarray([ids[start : start + chunk_size]], dtype=np.int64)
-        end = length + chunk.shape[1]
-        mask = np.ones((1, end), dtype=np.int64)
-        positions = np.arange(length, end, dtype=np.int64)[None, :]
-        logits, cache = decoder.forward(chunk, mask, positions, cache, logits_to_keep=1)
-        length = end
-    return logits[0, -1], cache, length
+    return extend(decoder, cache, 0, ids, chunk_size)
 
 
 def decode_one_token(
@@ -90,9 +112,8 @@ def decode_one_token(
 ) -> tuple[np.ndarray, list[np.ndarray], int]:
     """Feeds one token after `length` cached ones: returns its logits, the grown cache and the new length."""
     input_ids = np.array([[token]], dtype=np.int64)
-    mask = np.ones((1, length + 1), dtype=np.int64)
     positions = np.array([[length]], dtype=np.int64)
-    logits, cache = decoder.forward(input_ids, mask, positions, cache)
+    logits, cache = decoder.forward(input_ids, ones_mask(length + 1), positions, cache)
     return logits[0, -1], cache, length + 1
 
 
@@ -137,17 +158,28 @@ def stream_generate(
     context_length: int | None = None,
     stats: GenerationStats | None = None,
 ) -> Iterator[str]:
-    """Streams text pieces. Arguments are checked here, before the first `next()`, so a prompt that does not
-    fit raises at the call site rather than inside the consumer's loop."""
+    """Streams text pieces from a fresh cache. Arguments are checked here, before the first `next()`, so a
+    prompt that does not fit raises at the call site rather than inside the consumer's loop."""
     prompt_ids = list(prompt_ids)
     if not prompt_ids:
         raise ValueError("the prompt is empty: at least one token is needed to start generation")
     max_new_tokens = fit_to_context(len(prompt_ids), max_new_tokens, context_length)
-    detokenizer = StreamingDetokenizer(tokenizer, stop)
     stats = stats if stats is not None else GenerationStats()
-    stats.prompt_tokens = len(prompt_ids)
     tokens = generate_tokens(decoder, prompt_ids, sampler, max_new_tokens)
-    return _stream(tokens, detokenizer, frozenset(eos_token_ids), stats)
+    return stream_tokens(tokens, tokenizer, prompt_ids, stop, eos_token_ids, stats)
+
+
+def stream_tokens(
+    tokens: Generator[int, None, None],
+    tokenizer: Tokenizer,
+    prompt_ids: Sequence[int],
+    stop: Iterable[str],
+    eos_token_ids: Collection[int],
+    stats: GenerationStats,
+) -> Iterator[str]:
+    """Text pieces from a token generator: detokenized, cut at stop strings and eos, with stats filled in."""
+    stats.prompt_tokens = len(prompt_ids)
+    return _stream(tokens, StreamingDetokenizer(tokenizer, stop), frozenset(eos_token_ids), stats)
 
 
 def _stream(

@@ -9,10 +9,10 @@ from typing import Any
 from tokenizers import Tokenizer
 
 from .chat import ChatTemplate, Message, load_chat_template
+from .conversation import Conversation
 from .errors import ChatTemplateError
-from .generate import Decoder, GenerationStats, stream_generate
+from .generate import Decoder, GenerationStats
 from .manifest import Manifest, load_manifest
-from .sampling import SamplingConfig, make_sampler
 from .session import OnnxDecoder
 from .tokenizer import eos_token_ids, load_tokenizer, read_json
 
@@ -40,6 +40,7 @@ class Model:
         self.chat_template = chat_template
         self.manifest = manifest
         self.last_stats: GenerationStats | None = None
+        self._conversation: Conversation | None = None
 
     def apply_chat_template(
         self, messages: Sequence[Message], add_generation_prompt: bool = True, **variables: Any
@@ -51,51 +52,52 @@ class Model:
             )
         return self.chat_template.render(messages, add_generation_prompt, **variables)
 
-    def encode(self, prompt: Prompt, chat: bool | None = None) -> list[int]:
-        """Prompt token ids. chat=None means chat when the model has a template; a str is one user message."""
+    def encode(self, prompt: Prompt, chat: bool | None = None, add_generation_prompt: bool = True) -> list[int]:
+        """Prompt token ids. chat=None means chat when the model has a template; a str is one user message.
+        add_generation_prompt=False renders messages without the assistant's opening (for saved prefixes)."""
         if chat is None:
             chat = self.chat_template is not None or not isinstance(prompt, str)
         if chat:
             messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
             # The rendered template already holds BOS and the other special tokens: adding them again
             # would double them.
-            return self.tokenizer.encode(self.apply_chat_template(messages), add_special_tokens=False).ids
+            text = self.apply_chat_template(messages, add_generation_prompt)
+            return self.tokenizer.encode(text, add_special_tokens=False).ids
         if not isinstance(prompt, str):
             raise ChatTemplateError("a list of messages needs chat=True; with chat=False pass a string")
         return self.tokenizer.encode(prompt, add_special_tokens=True).ids
 
-    def stream(
-        self,
-        prompt: Prompt,
-        *,
-        chat: bool | None = None,
-        max_new_tokens: int = 256,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        greedy: bool = False,
-        stop: str | Sequence[str] | None = None,
-    ) -> Iterator[str]:
-        """Yields the completion piece by piece. Greedy unless temperature > 0; stats land in `last_stats`."""
-        sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, greedy=greedy)
-        stops = [stop] if isinstance(stop, str) else list(stop or ())
-        self.last_stats = GenerationStats()
-        return stream_generate(
-            self.decoder,
-            self.tokenizer,
-            self.encode(prompt, chat),
-            make_sampler(sampling),
-            max_new_tokens=max_new_tokens,
-            eos_token_ids=self.eos_token_ids,
-            stop=stops,
-            context_length=self.context_length,
-            stats=self.last_stats,
-        )
+    def conversation(self) -> Conversation:
+        """A conversation with a KV cache of its own: one per independent chat an app holds at once."""
+        return Conversation(self)
+
+    @property
+    def default_conversation(self) -> Conversation:
+        """The conversation `stream` and `generate` run on: it keeps the last sequence's cache, so a call
+        that repeats the previous history (and adds a turn) prefills only the new tokens."""
+        if self._conversation is None:
+            self._conversation = Conversation(self, fall_back_when_busy=True)
+        return self._conversation
+
+    def stream(self, prompt: Prompt, **kwargs: Any) -> Iterator[str]:
+        """Yields the completion piece by piece; stats land in `last_stats`. Keywords: chat, max_new_tokens,
+        temperature, top_k, top_p, seed, greedy, stop (see Conversation.stream). Reuses the cached prefix of
+        the previous call; a second stream running at the same time gets a fresh cache of its own."""
+        return self.default_conversation.stream(prompt, **kwargs)
 
     def generate(self, prompt: Prompt, **kwargs: Any) -> str:
         """The whole completion as one string; takes the same keyword arguments as `stream`."""
         return "".join(self.stream(prompt, **kwargs))
+
+    def warm_start(self, path: str | Path, prompt: Prompt, *, chat: bool | None = None) -> bool:
+        """Loads a saved prompt prefix (e.g. the system prompt) into the default conversation, or computes and
+        saves it; see Conversation.warm_start. Returns True when the file was used."""
+        return self.default_conversation.warm_start(path, prompt, chat=chat)
+
+    def reset(self) -> None:
+        """Frees the default conversation's KV cache."""
+        if self._conversation is not None:
+            self._conversation.reset()
 
 
 def load(

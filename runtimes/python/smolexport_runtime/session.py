@@ -33,6 +33,8 @@ CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 # Inputs a graph may have beyond the contract: `logits_to_keep` (default 0 = logits for all positions).
 OPTIONAL_INPUTS = ("logits_to_keep",)
+# logits_to_keep values fed as is, so that a decode step allocates nothing for them: [0] (all) and [1] (last).
+KEEP_LOGITS = (np.array([0], dtype=np.int64), np.array([1], dtype=np.int64))
 # onnxruntime's names for the cache element types the manifest allows.
 ORT_KV_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int8": "tensor(int8)"}
 
@@ -63,11 +65,37 @@ def resolve_providers(requested: str | Sequence[str], available: Sequence[str]) 
 
 
 class KVBuffers(list):
-    """Preallocated cache buffers [batch, kv_heads, capacity, head_dim] (OrtValues), reused by every step."""
+    """Preallocated cache buffers [batch, kv_heads, capacity, head_dim] (OrtValues), reused by every step.
 
-    def __init__(self, values, capacity: int):
+    On CPU the OrtValues wrap numpy arrays (`arrays`), so the runtime can copy a prefix out (prompt caches),
+    grow a buffer, or hand one row of a batch to a batch-1 call (`rows`) without onnxruntime copying anything.
+    The IO binding built for these buffers is kept here too: a decode step rebinds only its three small inputs.
+    """
+
+    def __init__(self, values, capacity: int, arrays: list[np.ndarray] | None = None):
         super().__init__(values)
         self.capacity = capacity
+        self.arrays = arrays  # None when the buffers live on a GPU
+        self.binding: ort.IOBinding | None = None
+        self._rows: dict[tuple[int, int], KVBuffers] = {}
+
+    @property
+    def batch(self) -> int:
+        return self[0].shape()[0]
+
+    def rows(self, start: int, stop: int) -> KVBuffers:
+        """Rows start..stop-1 as buffers of their own, sharing this memory (CPU only): a slice of the first
+        axis of a C-contiguous array is contiguous, so onnxruntime can read and write it in place."""
+        if self.arrays is None:
+            raise SmolexportRuntimeError("row views of a cache need CPU buffers")
+        if (start, stop) == (0, self.batch):
+            return self
+        view = self._rows.get((start, stop))
+        if view is None:
+            arrays = [a[start:stop] for a in self.arrays]
+            view = KVBuffers([ort.OrtValue.ortvalue_from_numpy(a) for a in arrays], self.capacity, arrays)
+            self._rows[(start, stop)] = view
+        return view
 
 
 def session_options(threads: int | None) -> ort.SessionOptions:
@@ -172,9 +200,12 @@ class OnnxDecoder:
         GroupQueryAttention writes only the new positions in place (ONNX Runtime's shared past/present
         buffer). Otherwise it is an empty cache that each step returns grown by a copy.
         """
-        if capacity is not None and self.shares_buffer and batch == 1:
+        if capacity is not None and self.shares_buffer:
             shape = [batch, self.num_kv_heads, capacity, self.head_dim]
-            # Uninitialized: pages are touched only as positions get written, so RSS grows with the text.
+            if self.cache_device == "cpu":
+                # np.empty: pages are touched only as positions get written, so RSS grows with the text.
+                arrays = [np.empty(shape, dtype=self.kv_dtype) for _ in self.past_names]
+                return KVBuffers([ort.OrtValue.ortvalue_from_numpy(a) for a in arrays], capacity, arrays)
             return KVBuffers(
                 [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, self.cache_device)
                  for _ in self.past_names],
@@ -182,6 +213,41 @@ class OnnxDecoder:
             )  # fmt: skip
         shape = (batch, self.num_kv_heads, 0, self.head_dim)
         return [np.zeros(shape, dtype=self.kv_dtype) for _ in self.past_names]
+
+    def grow_cache(self, cache: KVBuffers, length: int, capacity: int) -> KVBuffers:
+        """A larger preallocated cache holding the first `length` positions of `cache` (any batch)."""
+        grown = self.empty_cache(cache.batch, capacity=capacity)
+        for i in range(len(grown)):
+            old = cache.arrays[i] if cache.arrays is not None else cache[i].numpy()
+            if grown.arrays is not None:
+                grown.arrays[i][:, :, :length] = old[:, :, :length]
+            else:  # a GPU buffer: filled through the host, once per growth
+                host = np.zeros(grown[i].shape(), dtype=self.kv_dtype)
+                host[:, :, :length] = old[:, :, :length]
+                grown[i] = ort.OrtValue.ortvalue_from_numpy(host, self.cache_device, 0)
+        return grown
+
+    def _binding_for(self, past: Sequence[np.ndarray | ort.OrtValue]) -> tuple[ort.IOBinding, bool]:
+        """The IO binding for this step. A preallocated cache keeps one binding for its lifetime, with the
+        cache bound once as both past and present; only input_ids, attention_mask and position_ids (and the
+        logits output) are rebound per step. A growing cache needs a new binding each step."""
+        if isinstance(past, KVBuffers):
+            if past.binding is None:
+                binding = self.session.io_binding()
+                for name, out_name, value in zip(self.past_names, self.output_names[1:], past, strict=True):
+                    binding.bind_ortvalue_input(name, value)
+                    binding.bind_ortvalue_output(out_name, value)  # the same buffer: written in place
+                past.binding = binding
+            return past.binding, True
+        binding = self.session.io_binding()
+        for name, value in zip(self.past_names, past, strict=True):
+            if isinstance(value, np.ndarray):
+                binding.bind_cpu_input(name, value)
+            else:
+                binding.bind_ortvalue_input(name, value)
+        for name in self.output_names[1:]:
+            binding.bind_output(name, self.cache_device)
+        return binding, False
 
     def forward(
         self,
@@ -204,23 +270,17 @@ class OnnxDecoder:
             raise SmolexportRuntimeError(
                 f"the cache was allocated for {past.capacity} tokens; this step needs {needed}"
             )
-        binding = self.session.io_binding()
-        for name, value in (("input_ids", input_ids), ("attention_mask", attention_mask),
-                            ("position_ids", position_ids)):  # fmt: skip
-            binding.bind_cpu_input(name, value)
+        binding, shared = self._binding_for(past)
+        binding.bind_cpu_input("input_ids", input_ids)
+        binding.bind_cpu_input("attention_mask", attention_mask)
+        binding.bind_cpu_input("position_ids", position_ids)
         if self.keeps_logits:
-            binding.bind_cpu_input("logits_to_keep", np.array([logits_to_keep], dtype=np.int64))
-        for name, value in zip(self.past_names, past, strict=True):
-            if isinstance(value, np.ndarray):
-                binding.bind_cpu_input(name, value)
-            else:
-                binding.bind_ortvalue_input(name, value)
+            binding.bind_cpu_input("logits_to_keep", KEEP_LOGITS[logits_to_keep == 1] if logits_to_keep in (0, 1)
+                                   else np.array([logits_to_keep], dtype=np.int64))  # fmt: skip
         binding.bind_output("logits", "cpu")
-        for name, value in zip(self.output_names[1:], past, strict=True):
-            if shared:  # the same buffer as the input: written in place
-                binding.bind_ortvalue_output(name, value)
-            else:
-                binding.bind_output(name, self.cache_device)
         self.session.run_with_iobinding(binding)
-        logits, *present = binding.get_outputs()
-        return logits.numpy(), past if shared else present
+        outputs = binding.get_outputs()
+        # get_outputs lists the outputs in the order they were first bound: a kept binding has the cache first.
+        if shared:
+            return outputs[-1].numpy(), past
+        return outputs[-1].numpy(), outputs[:-1]

@@ -1,0 +1,278 @@
+"""Conversations: a KV cache kept across calls, so each turn pays only for its new tokens.
+
+`Model.stream(history)` runs on the model's own conversation: an app that passes the whole history every
+turn (as docs/embedding.md shows) gets prefix reuse without changing a line. An app that holds several
+independent chats makes one `model.conversation()` each. Reuse is decided on token ids alone (the longest
+common prefix of what the cache holds and the new prompt), so it is exact whatever the app did in between:
+a stop string that cut the last answer, a stream closed mid-way, an error, or old turns dropped to fit the
+context (the system prompt's tokens are still reused).
+
+A prompt cache file (`save_prefix` / `load_prefix` / `warm_start`) keeps a prefix's keys and values on disk, so
+a new process does not pay again for a long, fixed system prompt. It is keyed by the export's weight
+checksums and holds the token ids; loading it into another export is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+import zipfile
+from collections.abc import Generator, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .errors import SmolexportRuntimeError
+from .generate import GenerationStats, fit_to_context, stream_tokens
+from .kv_state import CacheState
+from .sampling import Sampler, SamplingConfig, make_sampler
+
+if TYPE_CHECKING:
+    from .model import Model, Prompt
+
+PROMPT_CACHE_FORMAT = "smolexport-prompt-cache"
+PROMPT_CACHE_VERSION = 1
+
+
+class PromptCacheError(SmolexportRuntimeError):
+    """A prompt cache file that is damaged, or was saved for another export."""
+
+
+class ConversationBusyError(SmolexportRuntimeError):
+    """A conversation runs one generation at a time."""
+
+
+def generate_cached(
+    state: CacheState, prompt_ids: Sequence[int], sampler: Sampler, max_new_tokens: int, stats: GenerationStats
+) -> Generator[int, None, None]:
+    """`generate_tokens` on a kept cache: prefills only what the cache does not hold yet."""
+    if max_new_tokens <= 0:
+        return
+    stats.cached_tokens = state.reuse(prompt_ids)
+    state.reserve(len(prompt_ids) + max_new_tokens)
+    logits = state.extend(prompt_ids[state.length :])
+    for i in range(max_new_tokens):
+        token = sampler(logits)
+        yield token
+        if i + 1 < max_new_tokens:
+            logits = state.decode(token)
+
+
+class Conversation:
+    """One sequence's KV cache, kept between calls. `stream` and `generate` take the same arguments as
+    `Model.stream`; pass the whole history each time. One generation at a time per conversation."""
+
+    def __init__(self, model: Model, *, fall_back_when_busy: bool = False) -> None:
+        self.model = model
+        self.state = CacheState(model.decoder, limit=model.context_length)
+        self.last_stats: GenerationStats | None = None
+        # The model's own conversation serves a second concurrent stream from a fresh, unkept cache instead
+        # of refusing it: Model.stream from two threads worked before conversations existed.
+        self._fall_back_when_busy = fall_back_when_busy
+        self._lock = threading.Lock()
+        self._busy = False
+
+    @property
+    def cached_tokens(self) -> int:
+        """Tokens whose keys and values the cache holds now."""
+        return self.state.length
+
+    def reset(self) -> None:
+        """Drops the cache and frees its memory (the next call prefills from scratch)."""
+        with self._claim(fall_back=False):
+            self.state.reset()
+
+    def stream(
+        self,
+        prompt: Prompt,
+        *,
+        chat: bool | None = None,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        greedy: bool = False,
+        stop: str | Sequence[str] | None = None,
+    ) -> Iterator[str]:
+        """Yields the completion piece by piece. Greedy unless temperature > 0; stats land in `last_stats`."""
+        sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, greedy=greedy)
+        stops = [stop] if isinstance(stop, str) else list(stop or ())
+        ids = self.model.encode(prompt, chat)
+        if not ids:
+            raise ValueError("the prompt is empty: at least one token is needed to start generation")
+        max_new_tokens = fit_to_context(len(ids), max_new_tokens, self.model.context_length)
+        stats = GenerationStats()
+        self.last_stats = self.model.last_stats = stats
+        tokens = self._tokens(ids, make_sampler(sampling), max_new_tokens, stats)
+        return stream_tokens(tokens, self.model.tokenizer, ids, stops, self.model.eos_token_ids, stats)
+
+    def generate(self, prompt: Prompt, **kwargs: Any) -> str:
+        return "".join(self.stream(prompt, **kwargs))
+
+    def _tokens(
+        self, ids: list[int], sampler: Sampler, max_new_tokens: int, stats: GenerationStats
+    ) -> Generator[int, None, None]:
+        # The conversation is claimed at the first token asked for, not when stream() is called: a stream
+        # that is never read holds nothing.
+        with self._claim(self._fall_back_when_busy) as state:
+            yield from generate_cached(state, ids, sampler, max_new_tokens, stats)
+
+    @contextmanager
+    def _claim(self, fall_back: bool) -> Iterator[CacheState]:
+        with self._lock:
+            busy, self._busy = self._busy, True
+        if busy:
+            if not fall_back:
+                raise ConversationBusyError(
+                    "this conversation is already generating; read its stream to the end or close() it first "
+                    "(or use one model.conversation() per concurrent chat)"
+                )
+            yield CacheState(self.model.decoder, limit=self.model.context_length)
+            return
+        try:
+            yield self.state
+        finally:
+            with self._lock:
+                self._busy = False
+
+    # --- prompt cache files ---------------------------------------------------------------------------
+
+    def save_prefix(self, path: str | Path, prompt: Prompt, *, chat: bool | None = None) -> int:
+        """Runs `prompt` (a string, or messages such as the system prompt alone) and writes its keys and
+        values to `path`. Returns the number of tokens saved. Messages are rendered without the assistant's
+        generation prompt, so that the saved ids are a prefix of every later conversation that starts so."""
+        ids = self.model.encode(prompt, chat, add_generation_prompt=False)
+        if not ids:
+            raise ValueError("the prompt is empty: nothing to save")
+        fit_to_context(len(ids), 1, self.model.context_length)
+        with self._claim(fall_back=False) as state:
+            state.reuse(ids + [-1])  # keeps every cached token that is a prefix of ids
+            state.reserve(len(ids))
+            if state.length < len(ids):
+                state.extend(ids[state.length :])
+            arrays = _cache_arrays(state, len(ids))
+        _write_prompt_cache(Path(path), self._key(), ids, arrays)
+        return len(ids)
+
+    def load_prefix(self, path: str | Path) -> int:
+        """Loads a prompt cache file into this conversation (replacing what it held). Returns its token count.
+        Raises PromptCacheError if the file is damaged or was saved for another export."""
+        ids, arrays = _read_prompt_cache(Path(path), self._key())
+        fit_to_context(len(ids), 1, self.model.context_length)
+        with self._claim(fall_back=False) as state:
+            state.reset()
+            state.reserve(len(ids))
+            _fill_cache(state, arrays)
+            state.tokens = list(ids)
+        return len(ids)
+
+    def warm_start(self, path: str | Path, prompt: Prompt, *, chat: bool | None = None) -> bool:
+        """Loads `path` if it holds `prompt`'s prefix for this export; otherwise computes it and saves it there
+        (a missing, stale or damaged file is rewritten). Returns True when the file was used."""
+        path = Path(path)
+        ids = self.model.encode(prompt, chat, add_generation_prompt=False)
+        if path.is_file():
+            try:
+                saved, arrays = _read_prompt_cache(path, self._key())
+            except PromptCacheError:
+                saved = None
+            if saved == ids:
+                with self._claim(fall_back=False) as state:
+                    state.reset()
+                    state.reserve(len(ids))
+                    _fill_cache(state, arrays)
+                    state.tokens = list(ids)
+                return True
+        self.save_prefix(path, prompt, chat=chat)
+        return False
+
+    def _key(self) -> dict[str, Any]:
+        manifest = self.model.manifest
+        if manifest is None:
+            raise PromptCacheError("prompt cache files need a model loaded from an export folder")
+        weights = {name: entry["sha256"] for name, entry in sorted(manifest.files.items())
+                   if name == "model.onnx" or name.endswith(".data")}  # fmt: skip
+        spec = manifest.model
+        return {
+            "weights_sha256": weights,
+            "kv_dtype": manifest.kv_dtype,
+            "kv_shape": [spec.num_layers, spec.num_kv_heads, spec.head_dim],
+        }
+
+
+def _cache_arrays(state: CacheState, length: int) -> list[np.ndarray]:
+    """The first `length` positions of each key/value as [kv_heads, length, head_dim] arrays."""
+    arrays = getattr(state.cache, "arrays", None)
+    if arrays is None:
+        arrays = [v if isinstance(v, np.ndarray) else v.numpy() for v in state.cache]
+    return [np.ascontiguousarray(a[0, :, :length]) for a in arrays]
+
+
+def _fill_cache(state: CacheState, arrays: list[np.ndarray]) -> None:
+    length = arrays[0].shape[1]
+    buffers = getattr(state.cache, "arrays", None)
+    if buffers is not None:
+        for buffer, saved in zip(buffers, arrays, strict=True):
+            buffer[0, :, :length] = saved
+    elif state.capacity is None:  # a cache that grows by copying: the saved arrays are the cache
+        state.cache = [saved[None].copy() for saved in arrays]
+    else:  # a GPU buffer: rebuilt from the host, once per load
+        state.cache = state.decoder.grow_cache(_HostCache(arrays, state.capacity), length, state.capacity)
+
+
+class _HostCache(list):
+    """Saved arrays dressed as a preallocated cache, for `grow_cache` to copy onto a device."""
+
+    def __init__(self, arrays: list[np.ndarray], capacity: int) -> None:
+        super().__init__()
+        self.arrays = [a[None] for a in arrays]
+        self.capacity = capacity
+        self.batch = 1
+
+
+def _write_prompt_cache(path: Path, key: dict[str, Any], ids: list[int], arrays: list[np.ndarray]) -> None:
+    meta = {"format": PROMPT_CACHE_FORMAT, "format_version": PROMPT_CACHE_VERSION, **key}
+    payload = {f"kv_{i}": a for i, a in enumerate(arrays)}
+    payload["tokens"] = np.asarray(ids, dtype=np.int64)
+    payload["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Written beside the target and moved into place: a crash never leaves half a cache under the name.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **payload)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _read_prompt_cache(path: Path, key: dict[str, Any]) -> tuple[list[int], list[np.ndarray]]:
+    if not path.is_file():
+        raise PromptCacheError(f"no prompt cache file at {path}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            meta = json.loads(bytes(data["meta"]).decode())
+            ids = [int(t) for t in data["tokens"]]
+            count = sum(1 for name in data.files if name.startswith("kv_"))
+            arrays = [data[f"kv_{i}"] for i in range(count)]
+    except (OSError, ValueError, KeyError, EOFError, UnicodeDecodeError, zipfile.BadZipFile) as exc:
+        raise PromptCacheError(f"{path} is not a readable prompt cache file ({exc}); delete it") from None
+    if meta.get("format") != PROMPT_CACHE_FORMAT or meta.get("format_version") != PROMPT_CACHE_VERSION:
+        raise PromptCacheError(f"{path} is not a prompt cache file this runtime reads; delete it")
+    for name in ("weights_sha256", "kv_dtype", "kv_shape"):
+        if meta.get(name) != key[name]:
+            raise PromptCacheError(
+                f"{path} was saved for another export ({name} {meta.get(name)!r}, this export has "
+                f"{key[name]!r}); delete it or save it again with this model"
+            )
+    layers, heads, head_dim = key["kv_shape"]
+    expected = (heads, len(ids), head_dim)
+    if len(arrays) != 2 * layers or any(a.shape != expected or a.dtype != np.dtype(key["kv_dtype"]) for a in arrays):
+        raise PromptCacheError(f"{path} is damaged (its arrays do not match its token count); delete it")
+    return ids, arrays
