@@ -77,6 +77,13 @@ _threads = click.option("--threads", type=click.IntRange(1), default=None, help=
     help="Temperature when a request sets none.",
 )
 @click.option(
+    "--max-batch",
+    type=click.IntRange(1),
+    default=8,
+    show_default=True,
+    help="Requests decoded together in one batched step; more wait in the queue.",
+)
+@click.option(
     "--max-queue", type=click.IntRange(1), default=64, show_default=True, help="Requests allowed to wait; then 503."
 )
 @_provider
@@ -84,8 +91,8 @@ _threads = click.option("--threads", type=click.IntRange(1), default=None, help=
 @click.option("--quiet", "-q", is_flag=True, help="Do not log requests.")
 @user_errors
 def serve_command(
-    export_dir, host, port, api_key, model_name, default_max_tokens, default_temperature, max_queue, provider, threads,
-    quiet,
+    export_dir, host, port, api_key, model_name, default_max_tokens, default_temperature, max_batch, max_queue,
+    provider, threads, quiet,
 ):  # fmt: skip
     """Serve an export with an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models)."""
     server_module = sample_app("openai_server")
@@ -100,6 +107,7 @@ def serve_command(
             model_name=model_name,
             default_max_tokens=default_max_tokens,
             default_temperature=default_temperature,
+            max_batch=max_batch,
             max_queue=max_queue,
             log_requests=not quiet,
         )

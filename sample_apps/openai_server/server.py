@@ -1,8 +1,10 @@
 """An OpenAI-compatible HTTP server for a smolexport export, on the standard library and the runtime only.
 
 Endpoints: `POST /v1/chat/completions`, `POST /v1/completions` (both with `stream`), `GET /v1/models`,
-`GET /v1/models/{id}`, `GET /health`. One model, one generation at a time: requests wait their turn in a FIFO
-queue, so any number of concurrent clients get the same answers they would get alone.
+`GET /v1/models/{id}`, `GET /health`. One model serves many clients at once: the runtime's BatchEngine decodes
+every running request in one batched step (continuous batching: a request joins when its prefill is done and
+leaves when it stops or its client goes away), and a conversation's follow-up request reuses its cached prefix.
+Past `max_batch` running requests the rest wait in a bounded queue; past `max_queue` they get 503.
 
     server = make_server("exports/smollm2-135m-int4", port=8000)
     server.serve_forever()          # or serve("exports/smollm2-135m-int4") with a log line and Ctrl-C handling
@@ -21,16 +23,16 @@ import sys
 import threading
 import time
 import uuid
-from collections import deque
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from smolexport_runtime import ContextLengthError, Model, SmolexportRuntimeError, load
+from smolexport_runtime import ContextLengthError, Model, SamplingConfig, SmolexportRuntimeError, load
+from smolexport_runtime.batching import BatchEngine, BatchRequest, QueueFullError
 
 MAX_BODY_BYTES = 1_000_000  # requests over this get 413
 DRAIN_FACTOR = 8  # a refused body up to 8x the limit is read and dropped, so that its client sees the 413
@@ -171,37 +173,7 @@ def _completion_prompt(body: dict) -> str:
     return prompt
 
 
-# --- the model behind a queue ---------------------------------------------------------------------
-
-
-class FifoLock:
-    """A lock handed out in arrival order, that knows how many are waiting."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._queue: deque[object] = deque()
-        self._held = False
-
-    @property
-    def waiting(self) -> int:
-        return len(self._queue)
-
-    @property
-    def held(self) -> bool:
-        return self._held
-
-    def acquire(self) -> None:
-        ticket = object()
-        with self._cond:
-            self._queue.append(ticket)
-            self._cond.wait_for(lambda: not self._held and self._queue[0] is ticket)
-            self._queue.popleft()
-            self._held = True
-
-    def release(self) -> None:
-        with self._cond:
-            self._held = False
-            self._cond.notify_all()
+# --- the model behind the batching engine -------------------------------------------------------------
 
 
 @dataclass
@@ -210,23 +182,28 @@ class ServiceStats:
     finished: int = 0  # generations that ended (done, stopped, or abandoned by their client)
     cancelled: int = 0  # generations stopped because the client went away
     tokens_done: int = 0  # tokens of ended generations
-    current: Any = None  # the running generation's GenerationStats
+    running: dict = field(default_factory=dict)  # id -> GenerationStats of the generations under way
 
 
 @dataclass
 class ModelService:
-    """The model plus its queue. One generation runs at a time; `max_queue` bounds how many may wait."""
+    """The model behind a BatchEngine: up to `max_batch` generations run together, `max_queue` may wait."""
 
     model: Model
     name: str
     default_max_tokens: int = 512
     default_temperature: float = 0.7
+    max_batch: int = 8
     max_queue: int = 64
     created: int = field(default_factory=lambda: int(time.time()))
     stats: ServiceStats = field(default_factory=ServiceStats)
 
     def __post_init__(self) -> None:
-        self.lock = FifoLock()
+        self.engine = BatchEngine(self.model, max_batch=self.max_batch, max_queue=self.max_queue).start()
+        self._stats_lock = threading.Lock()
+
+    def close(self) -> None:
+        self.engine.stop()
 
     @property
     def context_length(self) -> int:
@@ -234,9 +211,10 @@ class ModelService:
 
     @property
     def tokens_generated(self) -> int:
-        """Tokens generated so far, counting the running generation live."""
-        current = self.stats.current
-        return self.stats.tokens_done + (current.completion_tokens if current is not None else 0)
+        """Tokens generated so far, counting the running generations live."""
+        with self._stats_lock:
+            running = sum(s.completion_tokens for s in self.stats.running.values())
+            return self.stats.tokens_done + running
 
     def parse(self, body: dict, chat: bool) -> GenerationRequest:
         model = body.get("model")
@@ -271,8 +249,8 @@ class ModelService:
             include_usage=bool(options.get("include_usage")),
         )
 
-    def check_prompt(self, request: GenerationRequest) -> int:
-        """Prompt token count; a prompt that does not fit is refused before it waits in the queue."""
+    def check_prompt(self, request: GenerationRequest) -> list[int]:
+        """The prompt's token ids; a prompt that does not fit is refused before it waits in the queue."""
         try:
             ids = self.model.encode(request.prompt, chat=request.chat)
         except SmolexportRuntimeError as exc:
@@ -287,42 +265,44 @@ class ModelService:
                 param="messages" if request.chat else "prompt",
                 code="context_length_exceeded",
             )
-        return len(ids)
+        return ids
 
-    @contextmanager
-    def turn(self) -> Iterator[None]:
-        """Waits for this request's turn at the model."""
-        if self.lock.waiting >= self.max_queue:
-            raise ApiError(503, "the server is busy; retry later", type="server_error", code="server_busy")
-        self.lock.acquire()
+    def start(
+        self, request: GenerationRequest, ids: list[int], client_gone: Callable[[], bool]
+    ) -> tuple[Generation, Any]:
+        """Submits a generation: returns its pieces and its live GenerationStats. Always `close()` the pieces,
+        read or not. They stop early, and free the slot, once `client_gone()` says the client has left."""
         try:
-            yield
-        finally:
-            self.lock.release()
-
-    def start(self, request: GenerationRequest, client_gone: Callable[[], bool]) -> tuple[Generation, Any]:
-        """Starts a generation: returns its pieces and its live GenerationStats. Call only inside `turn()`, and
-        always `close()` the pieces, read or not. They stop early once `client_gone()` says the client has left."""
-        try:
-            pieces = self.model.stream(request.prompt, **request.sampling())
+            options = request.sampling()
+            sampling = SamplingConfig(temperature=options["temperature"], top_p=options["top_p"], seed=options["seed"])
+            submitted = self.engine.submit(ids, sampling, options["max_new_tokens"], request.stop)
+        except QueueFullError:
+            raise ApiError(503, "the server is busy; retry later", type="server_error", code="server_busy") from None
         except ContextLengthError as exc:
             raise ApiError(400, str(exc), code="context_length_exceeded") from None
         except (SmolexportRuntimeError, ValueError) as exc:
             raise ApiError(400, str(exc)) from None
-        stats = self.model.last_stats
-        self.stats.requests += 1
-        self.stats.current = stats
-        return Generation(self, pieces, stats, client_gone), stats
+        with self._stats_lock:
+            self.stats.requests += 1
+            self.stats.running[id(submitted)] = submitted.stats
+        return Generation(self, submitted, client_gone), submitted.stats
+
+    def book(self, submitted: BatchRequest, cancelled: bool) -> None:
+        with self._stats_lock:
+            self.stats.running.pop(id(submitted), None)
+            self.stats.finished += 1
+            self.stats.cancelled += cancelled
+            self.stats.tokens_done += submitted.stats.completion_tokens
 
 
 class Generation:
-    """A running generation's pieces. `close()` ends it and books it in the service's stats, also when it was
-    never read (a generator's `finally` would not run then); closing twice is harmless."""
+    """A running generation's pieces. `close()` cancels it if it is still running, waits for the engine to let
+    go of it, and books it in the service's stats, also when it was never read; closing twice is harmless."""
 
-    def __init__(
-        self, service: ModelService, pieces: Iterator[str], stats: Any, client_gone: Callable[[], bool]
-    ) -> None:
-        self._service, self._pieces, self._stats, self._client_gone = service, pieces, stats, client_gone
+    def __init__(self, service: ModelService, submitted: BatchRequest, client_gone: Callable[[], bool]) -> None:
+        self._service, self._submitted = service, submitted
+        self._pieces = submitted.pieces(poll=client_gone)
+        self._client_gone = client_gone
         self._closed = False
 
     def __iter__(self) -> Generation:
@@ -334,7 +314,7 @@ class Generation:
         try:
             piece = next(self._pieces)
             if self._client_gone():
-                self._service.stats.cancelled += 1
+                self._submitted.cancel()
                 raise StopIteration
         except BaseException:
             self.close()
@@ -345,13 +325,11 @@ class Generation:
         if self._closed:
             return
         self._closed = True
-        try:
-            self._pieces.close()  # type: ignore[attr-defined]  # stops the decoder loop and frees the KV cache now
-        finally:
-            stats = self._service.stats
-            stats.current = None
-            stats.finished += 1
-            stats.tokens_done += self._stats.completion_tokens
+        submitted = self._submitted
+        running = not submitted.done.is_set()
+        submitted.cancel()  # a no-op for a finished generation
+        submitted.done.wait()  # the engine frees the slot at its next step
+        self._service.book(submitted, cancelled=running)
 
 
 # --- HTTP -----------------------------------------------------------------------------------------
@@ -508,48 +486,47 @@ class Handler(BaseHTTPRequestHandler):
         body = self._read_json()
         request = service.parse(body, chat)
         self._streaming = request.stream
-        prompt_tokens = service.check_prompt(request)
+        prompt_ids = service.check_prompt(request)
         created = int(time.time())
         ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        with service.turn():
-            if self._client_gone():
+        if self._client_gone():
+            self.close_connection = True
+            return
+        pieces, stats = service.start(request, prompt_ids, self._client_gone)
+        try:
+            if request.stream:
+                self._stream(request, pieces, stats, ident, created, chat)
+                return
+            try:
+                text = "".join(pieces)
+            finally:
+                pieces.close()
+            if self._gone:
                 self.close_connection = True
                 return
-            pieces, stats = service.start(request, self._client_gone)
-            try:
-                if request.stream:
-                    self._stream(request, pieces, stats, ident, created, chat)
-                    return
-                try:
-                    text = "".join(pieces)
-                finally:
-                    pieces.close()
-                if self._gone:
-                    self.close_connection = True
-                    return
-                usage = _usage(stats.prompt_tokens or prompt_tokens, stats.completion_tokens)
-                if chat:
-                    choice = {"index": 0, "message": {"role": "assistant", "content": text}}
-                    obj = "chat.completion"
-                else:
-                    choice = {"index": 0, "text": text}
-                    obj = "text_completion"
-                choice.update(logprobs=None, finish_reason=stats.finish_reason or "stop")
-                response = {
-                    "id": ident,
-                    "object": obj,
-                    "created": created,
-                    "model": service.name,
-                    "choices": [choice],
-                    "usage": usage,
-                }
-                if self._probing:  # the head went out already, as a probe: the body follows as chunks
-                    self._write_chunk(json.dumps(response, ensure_ascii=False).encode())
-                    self._write_chunk(b"")
-                else:
-                    self._send_json(200, response)
-            finally:
-                pieces.close()  # whatever happened above, the generation ends and is booked
+            usage = _usage(stats)
+            if chat:
+                choice = {"index": 0, "message": {"role": "assistant", "content": text}}
+                obj = "chat.completion"
+            else:
+                choice = {"index": 0, "text": text}
+                obj = "text_completion"
+            choice.update(logprobs=None, finish_reason=stats.finish_reason or "stop")
+            response = {
+                "id": ident,
+                "object": obj,
+                "created": created,
+                "model": service.name,
+                "choices": [choice],
+                "usage": usage,
+            }
+            if self._probing:  # the head went out already, as a probe: the body follows as chunks
+                self._write_chunk(json.dumps(response, ensure_ascii=False).encode())
+                self._write_chunk(b"")
+            else:
+                self._send_json(200, response)
+        finally:
+            pieces.close()  # whatever happened above, the generation ends and is booked
 
     def _stream(
         self, request: GenerationRequest, pieces: Generation, stats: Any, ident: str, created: int, chat: bool
@@ -583,7 +560,7 @@ class Handler(BaseHTTPRequestHandler):
                 self._event(chunk(piece))
             self._event(chunk(None if chat else "", finish_reason=stats.finish_reason or "stop"))
             if request.include_usage:
-                usage = _usage(stats.prompt_tokens, stats.completion_tokens)
+                usage = _usage(stats)
                 final = {"id": ident, "object": obj, "created": created, "model": service.name, "choices": []}
                 self._event({**final, "usage": usage})
             self._write_chunk(b"data: [DONE]\n\n")
@@ -659,8 +636,9 @@ class Handler(BaseHTTPRequestHandler):
         return {
             "status": "ok",
             "model": service.name,
-            "busy": service.lock.held,
-            "queued": service.lock.waiting,
+            "busy": service.engine.running > 0,
+            "running": service.engine.running,
+            "queued": service.engine.waiting,
             "requests": service.stats.requests,
             "tokens_generated": service.tokens_generated,
         }
@@ -707,11 +685,13 @@ class Handler(BaseHTTPRequestHandler):
             super().log_message(format, *args)
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def _usage(stats: Any) -> dict[str, Any]:
     return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens": stats.prompt_tokens,
+        "completion_tokens": stats.completion_tokens,
+        "total_tokens": stats.prompt_tokens + stats.completion_tokens,
+        # OpenAI's field for the prompt tokens served from the cache (a conversation's earlier turns).
+        "prompt_tokens_details": {"cached_tokens": stats.cached_tokens},
     }
 
 
@@ -738,6 +718,10 @@ class OpenAIServer(ThreadingHTTPServer):
         host, port = self.server_address[:2]
         return f"http://{host}:{port}/v1"
 
+    def server_close(self) -> None:
+        super().server_close()
+        self.service.close()
+
     def handle_error(self, request: Any, client_address: Any) -> None:
         # Errors outside a request's own handling (e.g. the client vanished during the request line).
         if self.log_requests:
@@ -754,6 +738,7 @@ def make_server(
     model_name: str | None = None,
     default_max_tokens: int = 512,
     default_temperature: float = 0.7,
+    max_batch: int = 8,
     max_queue: int = 64,
     max_body_bytes: int = MAX_BODY_BYTES,
     providers: str = "auto",
@@ -772,6 +757,7 @@ def make_server(
         name,
         default_max_tokens=default_max_tokens,
         default_temperature=default_temperature,
+        max_batch=max_batch,
         max_queue=max_queue,
     )
     return OpenAIServer((host, port), service, api_key, max_body_bytes, log_requests)

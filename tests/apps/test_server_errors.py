@@ -213,7 +213,7 @@ def wait_until(condition, timeout=30.0, what="the condition"):
 
 
 def wait_idle(service, timeout=30.0):
-    wait_until(lambda: service.stats.current is None and not service.lock.held, timeout, "the generation to end")
+    wait_until(lambda: not service.stats.running and service.engine.running == 0, timeout, "the generation to end")
 
 
 def post_and_hang_up(server, body, after_events: int | None) -> tuple[bytes, int]:
@@ -230,7 +230,7 @@ def post_and_hang_up(server, body, after_events: int | None) -> tuple[bytes, int
             chunk = sock.recv(65536)
             assert chunk, received
             received += chunk
-    wait_until(lambda: service.stats.current is not None, what="the generation to start")
+    wait_until(lambda: service.stats.running, what="the generation to start")
     sock.close()
     return received, service.model.decoder.calls
 
@@ -338,25 +338,62 @@ def test_a_failed_response_head_still_ends_the_generation(tiny_model, monkeypatc
         thread.join(5)
 
 
-def test_requests_wait_their_turn(slow_server):
-    """While one request generates, the others queue (the health endpoint shows them) and all finish."""
-    body = {"model": "tiny", "messages": USER, "max_tokens": 10, "temperature": 0}
+@pytest.fixture
+def one_at_a_time_server(tiny_export):
+    """The slow server with a batch of one: a second request must wait in the queue."""
+    srv = make_server(port=0, model=slow_model(tiny_export, 0.02), model_name="tiny", max_batch=1, max_queue=1)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+    thread.join(5)
+
+
+def test_past_the_batch_requests_queue_and_past_the_queue_get_503(one_at_a_time_server):
+    """With max_batch=1, one request runs, one waits (the health endpoint shows it), a third is refused with
+    OpenAI's error shape; the two accepted ones finish with the same greedy answer."""
+    srv = one_at_a_time_server
+    body = {"model": "tiny", "messages": USER, "max_tokens": 20, "temperature": 0}
     results = []
 
     def ask():
-        results.append(request(slow_server, "POST", CHAT, body))
+        results.append(request(srv, "POST", CHAT, body))
 
-    threads = [threading.Thread(target=ask) for _ in range(3)]
+    threads = [threading.Thread(target=ask) for _ in range(2)]
+    threads[0].start()
+    wait_until(lambda: srv.service.engine.running == 1, what="the first request to run")
+    threads[1].start()
+    wait_until(lambda: srv.service.engine.waiting == 1, what="the second request to queue")
+    health = request(srv, "GET", "/health")[1]
+    assert health["running"] == 1 and health["queued"] == 1 and health["busy"]
+    status, refused, _ = request(srv, "POST", CHAT, body)
+    assert status == 503 and refused["error"]["code"] == "server_busy"
+    for thread in threads:
+        thread.join(30)
+    assert [r[0] for r in results] == [200, 200]
+    assert results[0][1]["choices"] == results[1][1]["choices"]
+
+
+def test_concurrent_requests_decode_together(slow_server):
+    """Three requests at once run in the same batched steps: the engine takes fewer decode steps than the
+    tokens it generates, and every answer equals the one the request gets alone."""
+    bodies = [{"model": "tiny", "messages": [{"role": "user", "content": f"w{10 + i} w{40 + i}"}],
+               "max_tokens": 12, "temperature": 0} for i in range(3)]  # fmt: skip
+    alone = [request(slow_server, "POST", CHAT, body)[1]["choices"] for body in bodies]
+    engine = slow_server.service.engine
+    steps_before = engine.steps
+    results = [None] * 3
+
+    def ask(i):
+        results[i] = request(slow_server, "POST", CHAT, bodies[i])
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
     for thread in threads:
         thread.start()
-    deadline = time.monotonic() + 2
-    seen_queue = 0
-    while time.monotonic() < deadline and len(results) < 3:
-        status = request(slow_server, "GET", "/health")[1]
-        seen_queue = max(seen_queue, status["queued"])
-        time.sleep(0.02)
     for thread in threads:
-        thread.join(10)
-    assert seen_queue >= 1
-    assert [r[0] for r in results] == [200, 200, 200]
-    assert len({r[1]["choices"][0]["message"]["content"] for r in results}) == 1
+        thread.join(30)
+    assert [r[1]["choices"] for r in results] == alone
+    generated = sum(r[1]["usage"]["completion_tokens"] for r in results)
+    assert generated == 36  # eos is banned: every request runs to its limit
+    assert engine.steps - steps_before < generated * 2 / 3  # shared steps (the three alone would take 33)

@@ -21,7 +21,6 @@ QUESTIONS = ["w20 w21 w22", "w30 w31 w32 w33", "w40 w41", "w50 w51 w52", "w60"]
 @pytest.fixture(scope="module", params=["fused", "standard"])
 def export(request, tmp_path_factory):
     from smolexport.onnx.export import OnnxExportOptions, export_onnx
-
     from tests.conftest import make_tiny_llama
 
     root = tmp_path_factory.mktemp(f"conv-{request.param}")

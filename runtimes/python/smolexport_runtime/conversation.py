@@ -7,7 +7,7 @@ common prefix of what the cache holds and the new prompt), so it is exact whatev
 a stop string that cut the last answer, a stream closed mid-way, an error, or old turns dropped to fit the
 context (the system prompt's tokens are still reused).
 
-A prompt cache file (`save_prefix` / `load_prefix` / `warm_start`) keeps a prefix's keys and values on disk, so
+A prompt cache file (`save_prefix` / `load_prefix` / `warm_start`) keeps a prefix's keys and values on disk so
 a new process does not pay again for a long, fixed system prompt. It is keyed by the export's weight
 checksums and holds the token ids; loading it into another export is refused.
 """
@@ -47,7 +47,11 @@ class ConversationBusyError(SmolexportRuntimeError):
 
 
 def generate_cached(
-    state: CacheState, prompt_ids: Sequence[int], sampler: Sampler, max_new_tokens: int, stats: GenerationStats
+    state: CacheState,
+    prompt_ids: Sequence[int],
+    sampler: Sampler,
+    max_new_tokens: int,
+    stats: GenerationStats,
 ) -> Generator[int, None, None]:
     """`generate_tokens` on a kept cache: prefills only what the cache does not hold yet."""
     if max_new_tokens <= 0:
@@ -172,7 +176,7 @@ class Conversation:
         return len(ids)
 
     def warm_start(self, path: str | Path, prompt: Prompt, *, chat: bool | None = None) -> bool:
-        """Loads `path` if it holds `prompt`'s prefix for this export; otherwise computes it and saves it there
+        """Loads `path` if it holds `prompt`'s prefix for this export; else computes it and saves it there
         (a missing, stale or damaged file is rewritten). Returns True when the file was used."""
         path = Path(path)
         ids = self.model.encode(prompt, chat, add_generation_prompt=False)
@@ -273,6 +277,8 @@ def _read_prompt_cache(path: Path, key: dict[str, Any]) -> tuple[list[int], list
             )
     layers, heads, head_dim = key["kv_shape"]
     expected = (heads, len(ids), head_dim)
-    if len(arrays) != 2 * layers or any(a.shape != expected or a.dtype != np.dtype(key["kv_dtype"]) for a in arrays):
+    if len(arrays) != 2 * layers or any(
+        a.shape != expected or a.dtype != np.dtype(key["kv_dtype"]) for a in arrays
+    ):
         raise PromptCacheError(f"{path} is damaged (its arrays do not match its token count); delete it")
     return ids, arrays

@@ -66,7 +66,7 @@ def position_ids_from_mask(attention_mask: np.ndarray, seq_len: int) -> np.ndarr
 
 def ones_mask(length: int) -> np.ndarray:
     """An all-ones attention mask [1, length] for an unpadded sequence: a view of one shared array, grown by
-    doubling, so that a decode step allocates nothing that grows with the text. Read-only: never write to it."""
+    doubling, so that a decode step allocates nothing that grows with the text. Read-only."""
     global _ONES
     if _ONES.shape[1] < length:
         _ONES = np.ones((1, max(length, 2 * _ONES.shape[1])), dtype=np.int64)

@@ -1,6 +1,6 @@
-"""A sequence's KV cache together with the token ids it holds, so that the next prompt pays only for what is new.
+"""A sequence's KV cache with the token ids it holds, so that the next prompt pays only for what is new.
 
-`CacheState` is the unit that prefix reuse works on: a conversation keeps one across calls, a server slot keeps
+`CacheState` is the unit prefix reuse works on: a conversation keeps one across calls, a server slot keeps
 one per row of its batch. The cache holds exactly `tokens`: the ids are appended only after the forward pass
 that wrote their keys and values returned, so a stream closed mid-way, a stop string, or an error leaves a
 state that is still true, and the next prompt reuses the longest common prefix of the two id lists.

@@ -52,7 +52,9 @@ class Model:
             )
         return self.chat_template.render(messages, add_generation_prompt, **variables)
 
-    def encode(self, prompt: Prompt, chat: bool | None = None, add_generation_prompt: bool = True) -> list[int]:
+    def encode(
+        self, prompt: Prompt, chat: bool | None = None, add_generation_prompt: bool = True
+    ) -> list[int]:
         """Prompt token ids. chat=None means chat when the model has a template; a str is one user message.
         add_generation_prompt=False renders messages without the assistant's opening (for saved prefixes)."""
         if chat is None:

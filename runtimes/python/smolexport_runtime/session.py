@@ -69,7 +69,7 @@ class KVBuffers(list):
 
     On CPU the OrtValues wrap numpy arrays (`arrays`), so the runtime can copy a prefix out (prompt caches),
     grow a buffer, or hand one row of a batch to a batch-1 call (`rows`) without onnxruntime copying anything.
-    The IO binding built for these buffers is kept here too: a decode step rebinds only its three small inputs.
+    The IO binding built for these buffers is kept here too: a decode step rebinds only its small inputs.
     """
 
     def __init__(self, values, capacity: int, arrays: list[np.ndarray] | None = None):
@@ -275,12 +275,12 @@ class OnnxDecoder:
         binding.bind_cpu_input("attention_mask", attention_mask)
         binding.bind_cpu_input("position_ids", position_ids)
         if self.keeps_logits:
-            binding.bind_cpu_input("logits_to_keep", KEEP_LOGITS[logits_to_keep == 1] if logits_to_keep in (0, 1)
-                                   else np.array([logits_to_keep], dtype=np.int64))  # fmt: skip
+            keep = KEEP_LOGITS[logits_to_keep] if logits_to_keep in (0, 1) else np.array([logits_to_keep])
+            binding.bind_cpu_input("logits_to_keep", keep.astype(np.int64, copy=False))
         binding.bind_output("logits", "cpu")
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
-        # get_outputs lists the outputs in the order they were first bound: a kept binding has the cache first.
+        # get_outputs lists outputs in the order they were first bound: the cache first, then the logits.
         if shared:
             return outputs[-1].numpy(), past
         return outputs[-1].numpy(), outputs[:-1]

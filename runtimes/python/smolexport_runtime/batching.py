@@ -1,0 +1,289 @@
+"""Continuous batching: every running generation advances by one token in one forward pass.
+
+The unit of concurrency is a slot (as in llama.cpp's server): one row of a batched KV cache, holding one
+sequence and the token ids it has cached. A request waits in a bounded queue until a slot is free, is
+prefilled into its slot (one chunk per engine step, so a long prompt never stalls the others for long), then
+joins the batch; it leaves when it stops (eos, a stop string, its token limit) or is cancelled, and its slot
+keeps the cache: a follow-up request of the same conversation goes to the slot holding the longest common
+prefix of its prompt and prefills only the rest. Idle slots are reused least recently used first.
+
+Rows of the batch are right-padded: GroupQueryAttention reads each row's length from its attention mask,
+writes the new key and value at that position, and rotates by it, so rows of different lengths decode
+together and give the same logits as each alone (tests/runtime/test_batching.py). A row with nothing to decode
+inside the batch's range is fed a filler token at its own length: the write lands past what the row holds
+and is overwritten later, and its cached prefix stays intact.
+
+Decoders without a CPU shared buffer (the standard-ops graph, a CUDA session, test stubs) still get slots,
+queueing and prefix reuse; their slots decode one after another.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .detokenize import StreamingDetokenizer
+from .errors import SmolexportRuntimeError
+from .generate import GenerationStats, fit_to_context
+from .kv_state import CacheState, common_prefix
+from .sampling import SamplingConfig, make_sampler
+from .session import KVBuffers
+
+_DONE = object()  # the end of a request's pieces
+
+
+class QueueFullError(SmolexportRuntimeError):
+    """The engine's queue is full: retry later."""
+
+
+@dataclass
+class BatchRequest:
+    """A submitted generation. Iterate `pieces()` for its text; `stats` fills in as it runs."""
+
+    prompt_ids: list[int]
+    sampling: SamplingConfig
+    max_new_tokens: int
+    stop: list[str] = field(default_factory=list)
+    stats: GenerationStats = field(default_factory=GenerationStats)
+    submitted: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self._events: queue.SimpleQueue = queue.SimpleQueue()
+        self.stats.prompt_tokens = len(self.prompt_ids)
+
+    def cancel(self) -> None:
+        """Stops the generation at the engine's next step and frees its slot; safe to call at any time."""
+        self.cancelled = True
+
+    def pieces(self, poll: Callable[[], bool] | None = None, interval: float = 0.05) -> Iterator[str]:
+        """Yields the text as it is generated. `poll`, if given, is called while waiting; when it returns True
+        (the client went away) the request is cancelled and the iteration ends. Raises the engine's error if
+        the generation failed."""
+        while True:
+            try:
+                item = self._events.get(timeout=interval if poll else None)
+            except queue.Empty:
+                if poll is not None and poll():
+                    self.cancel()
+                    return
+                continue
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def _put(self, item: object) -> None:
+        self._events.put(item)
+
+
+@dataclass(eq=False)
+class Slot:
+    row: int
+    state: CacheState
+    request: BatchRequest | None = None
+    pending: list[int] = field(default_factory=list)  # prompt ids still to prefill
+    next_token: int | None = None  # sampled, to be fed at the next decode step
+    last_used: float = 0.0
+    first_token_at: float = 0.0
+    sampler: Callable[[np.ndarray], int] | None = None
+    detokenizer: StreamingDetokenizer | None = None
+
+
+class BatchEngine:
+    """Runs generations for many clients at once on one model. `start()` launches its thread; `submit()` from
+    any thread. `max_batch` bounds the generations running together, `max_queue` those waiting for a slot;
+    `slots` (at least max_batch) rows of cache are kept, so idle conversations keep their prefix a while."""
+
+    def __init__(self, model, max_batch: int = 8, max_queue: int = 64, slots: int | None = None) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        self.model = model
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        decoder = model.decoder
+        rows = max(slots or max_batch, max_batch)
+        limit = model.context_length
+        # One position past the context: a filler write at a full row's length still lands inside its row.
+        capacity = limit + 1 if limit else None
+        batch = decoder.empty_cache(rows, capacity=capacity) if capacity else None
+        self.batched = isinstance(batch, KVBuffers) and batch.arrays is not None
+        self.cache = batch if self.batched else None
+        self.slots = [
+            Slot(row, CacheState(decoder, limit, batch.rows(row, row + 1) if self.batched else None))
+            for row in range(rows)
+        ]
+        self.eos = frozenset(model.eos_token_ids)
+        self._waiting: deque[BatchRequest] = deque()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.steps = 0  # decode forward passes, for tests and stats
+
+    # --- the public side ------------------------------------------------------------------------------
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return sum(1 for s in self.slots if s.request is not None)
+
+    def start(self) -> BatchEngine:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="smolexport-batch", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(10)
+            self._thread = None
+
+    def submit(
+        self,
+        prompt_ids: Sequence[int],
+        sampling: SamplingConfig | None = None,
+        max_new_tokens: int = 256,
+        stop: Sequence[str] = (),
+    ) -> BatchRequest:
+        """Queues a generation; raises QueueFullError past `max_queue` waiting requests, ContextLengthError
+        for a prompt that does not fit (max_new_tokens is clamped to the context)."""
+        prompt_ids = list(prompt_ids)
+        if not prompt_ids:
+            raise ValueError("the prompt is empty: at least one token is needed to start generation")
+        max_new_tokens = fit_to_context(len(prompt_ids), max_new_tokens, self.model.context_length)
+        request = BatchRequest(prompt_ids, sampling or SamplingConfig(), max_new_tokens, list(stop))
+        with self._cond:
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFullError(f"{len(self._waiting)} requests are waiting already; retry later")
+            self._waiting.append(request)
+            self._cond.notify_all()
+        return request
+
+    # --- the engine's thread --------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._stopping or self._waiting or self.running, timeout=0.05)
+                if self._stopping:
+                    break
+                self._admit()
+            try:
+                self._step()
+            except Exception as exc:  # a failed forward pass fails the requests in it, not the engine
+                for slot in self.slots:
+                    if slot.request is not None:
+                        self._finish(slot, error=SmolexportRuntimeError(f"generation failed: {exc}"))
+        for slot in self.slots:
+            if slot.request is not None:
+                self._finish(slot, error=SmolexportRuntimeError("the engine was stopped"))
+        while self._waiting:
+            self._waiting.popleft()._put(SmolexportRuntimeError("the engine was stopped"))
+
+    def _admit(self) -> None:
+        """Moves waiting requests into free slots (called with the lock held)."""
+        for request in [r for r in self._waiting if r.cancelled]:  # clients that left while queued
+            self._waiting.remove(request)
+            self._close(request)
+        while self._waiting and self.running < self.max_batch:
+            request = self._waiting.popleft()
+            free = [s for s in self.slots if s.request is None]
+            # The slot that holds most of this prompt; among equals, the least recently used.
+            slot = max(free, key=lambda s: (common_prefix(s.state.tokens, request.prompt_ids), -s.last_used))
+            request.stats.cached_tokens = slot.state.reuse(request.prompt_ids)
+            if not self.batched:
+                slot.state.reserve(len(request.prompt_ids) + request.max_new_tokens)
+            slot.request = request
+            slot.pending = request.prompt_ids[slot.state.length :]
+            slot.next_token = None
+            slot.sampler = make_sampler(request.sampling)
+            slot.detokenizer = StreamingDetokenizer(self.model.tokenizer, request.stop)
+
+    def _step(self) -> None:
+        for slot in self.slots:
+            if slot.request is not None and slot.request.cancelled:
+                self._finish(slot)
+        prefilling = [s for s in self.slots if s.request is not None and s.pending]
+        if prefilling:  # one chunk of the oldest request per step: the others keep decoding meanwhile
+            slot = min(prefilling, key=lambda s: s.request.submitted)
+            chunk_size = getattr(self.model.decoder, "prefill_chunk", 512)
+            chunk, slot.pending = slot.pending[:chunk_size], slot.pending[chunk_size:]
+            logits = slot.state.extend(chunk)
+            if not slot.pending:
+                self._emit(slot, logits)
+        decoding = [s for s in self.slots if s.request is not None and s.next_token is not None]
+        if not decoding:
+            return
+        if self.batched:
+            for slot, logits in zip(decoding, self._decode_batch(decoding), strict=True):
+                self._emit(slot, logits)
+        else:
+            for slot in decoding:
+                self._emit(slot, slot.state.decode(slot.next_token))
+        self.steps += 1
+
+    def _decode_batch(self, decoding: list[Slot]) -> list[np.ndarray]:
+        """One forward pass over rows 0..R (R: the highest decoding row); other rows in range get a filler."""
+        rows = self.slots[: max(s.row for s in decoding) + 1]
+        lengths = np.array([s.state.length for s in rows], dtype=np.int64)
+        feeding = {id(s) for s in decoding}
+        tokens = np.array([s.next_token if id(s) in feeding else 0 for s in rows], dtype=np.int64)
+        mask = (np.arange(lengths.max() + 1)[None, :] <= lengths[:, None]).astype(np.int64)
+        logits, _ = self.model.decoder.forward(
+            tokens[:, None], mask, lengths[:, None], self.cache.rows(0, len(rows))
+        )
+        for slot in decoding:
+            slot.state.tokens.append(slot.next_token)
+        return [logits[s.row, -1] for s in decoding]
+
+    def _emit(self, slot: Slot, logits: np.ndarray) -> None:
+        """Samples the slot's next token and hands its text to the client."""
+        request, stats = slot.request, slot.request.stats
+        token = slot.sampler(logits)
+        stats.completion_tokens += 1
+        now = time.perf_counter()
+        if stats.completion_tokens == 1:
+            stats.ttft_s = now - request.submitted
+            slot.first_token_at = now
+        elif now > slot.first_token_at:
+            stats.decode_tok_s = (stats.completion_tokens - 1) / (now - slot.first_token_at)
+        slot.next_token = token
+        if token in self.eos:
+            return self._finish(slot, "stop")
+        piece = slot.detokenizer.add(token)
+        if piece:
+            request._put(piece)
+        if slot.detokenizer.stopped:
+            return self._finish(slot, "stop")
+        if stats.completion_tokens >= request.max_new_tokens:
+            return self._finish(slot, "length")
+
+    def _finish(self, slot: Slot, reason: str | None = None, error: BaseException | None = None) -> None:
+        request = slot.request
+        if error is None and reason is not None and (tail := slot.detokenizer.finish()):
+            request._put(tail)
+        request.stats.finish_reason = reason
+        slot.request, slot.next_token, slot.pending = None, None, []
+        slot.last_used = time.perf_counter()
+        if error is not None:
+            request._put(error)
+        self._close(request)
+
+    def _close(self, request: BatchRequest) -> None:
+        request.stats.total_s = time.perf_counter() - request.submitted
+        request._put(_DONE)
+        request.done.set()
