@@ -372,14 +372,29 @@ def coreml_command(model, quant, output, context_length, algo, block_size, all_l
     help="KV-cache length filled for the peak-memory measurement.",
 )
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option(
+    "--scenario",
+    "scenarios",
+    type=click.Choice(["speed", "chat", "cold", "serve", "all"]),
+    multiple=True,
+    default=["speed"],
+    show_default=True,
+    help="speed: TTFT, decode, memory; chat: a replayed 8-turn chat (TTFT per turn, with and without prefix "
+    "reuse); cold: process start to first token; serve: concurrent streaming clients. Repeat or use 'all'.",
+)
+@click.option("--clients", type=click.IntRange(1, 64), default=8, show_default=True, help="Clients for 'serve'.")
+@click.option("--serve-tokens", type=click.IntRange(1), default=128, show_default=True, help="Tokens per client.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the results here.")
 @user_errors
-def bench_command(export_dir, threads, runs, context, provider, json_out):
-    """Time to first token, decode speed, peak memory and size of an export (in a process of its own)."""
-    from .bench import run_bench
+def bench_command(export_dir, threads, runs, context, provider, scenarios, clients, serve_tokens, json_out):
+    """Time to first token, decode speed, peak memory, size; multi-turn chat, cold start and concurrent
+    clients with --scenario. Each workload runs in processes of its own."""
+    from .bench import SCENARIOS, run_bench
 
     writable(json_out)
-    result = run_bench(export_dir, threads=threads, runs=runs, context=context, provider=provider)
+    chosen = SCENARIOS if "all" in scenarios else tuple(scenarios)
+    result = run_bench(export_dir, threads=threads, runs=runs, context=context, provider=provider,
+                       scenarios=chosen, clients=clients, serve_tokens=serve_tokens)  # fmt: skip
     if json_out:
         json_out.write_text(json.dumps(result, indent=2) + "\n")
     for key, value in result.items():

@@ -30,12 +30,13 @@ import numpy as np
 
 from .detokenize import StreamingDetokenizer
 from .errors import SmolexportRuntimeError
-from .generate import GenerationStats, fit_to_context
+from .generate import GenerationStats, fit_to_context, prefill_chunks
 from .kv_state import CacheState, common_prefix
 from .sampling import SamplingConfig, make_sampler
 from .session import KVBuffers
 
 _DONE = object()  # the end of a request's pieces
+DEFAULT_CONTEXT = 2048  # tokens per slot unless asked otherwise (at most the model's context length)
 
 
 class QueueFullError(SmolexportRuntimeError):
@@ -101,24 +102,41 @@ class Slot:
 class BatchEngine:
     """Runs generations for many clients at once on one model. `start()` launches its thread; `submit()` from
     any thread. `max_batch` bounds the generations running together, `max_queue` those waiting for a slot;
-    `slots` (at least max_batch) rows of cache are kept, so idle conversations keep their prefix a while."""
+    `slots` (at least max_batch) rows of cache are kept, so idle conversations keep their prefix a while;
+    `context` bounds each slot's tokens; `reuse_generated` also reuses answers' keys and values (see
+    CacheState.reuse)."""
 
-    def __init__(self, model, max_batch: int = 8, max_queue: int = 64, slots: int | None = None) -> None:
+    def __init__(
+        self,
+        model,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        slots: int | None = None,
+        context: int | None = None,
+        reuse_generated: bool = False,
+    ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.model = model
         self.max_batch = max_batch
         self.max_queue = max_queue
+        self.reuse_generated = reuse_generated  # see CacheState.reuse
         decoder = model.decoder
         rows = max(slots or max_batch, max_batch)
+        # Tokens a slot holds (prompt + answer): every slot gets a buffer this long, so it bounds the memory
+        # (slots x context x the model's bytes per cached token; RSS grows only with what is written).
+        # The model's full 8,192 would also slow every prefill: GroupQueryAttention's prompt path costs grow
+        # with the buffer's length, and alternating with batched decode steps made each prefill take ~1.5 s
+        # at 8,193 positions on the 135M model, against ~0.1 s at 2,049 (benchmarks/README.md).
         limit = model.context_length
+        self.context = min(context or DEFAULT_CONTEXT, limit) if limit else context
         # One position past the context: a filler write at a full row's length still lands inside its row.
-        capacity = limit + 1 if limit else None
+        capacity = self.context + 1 if self.context else None
         batch = decoder.empty_cache(rows, capacity=capacity) if capacity else None
         self.batched = isinstance(batch, KVBuffers) and batch.arrays is not None
         self.cache = batch if self.batched else None
         self.slots = [
-            Slot(row, CacheState(decoder, limit, batch.rows(row, row + 1) if self.batched else None))
+            Slot(row, CacheState(decoder, self.context, batch.rows(row, row + 1) if self.batched else None))
             for row in range(rows)
         ]
         self.eos = frozenset(model.eos_token_ids)
@@ -164,7 +182,7 @@ class BatchEngine:
         prompt_ids = list(prompt_ids)
         if not prompt_ids:
             raise ValueError("the prompt is empty: at least one token is needed to start generation")
-        max_new_tokens = fit_to_context(len(prompt_ids), max_new_tokens, self.model.context_length)
+        max_new_tokens = fit_to_context(len(prompt_ids), max_new_tokens, self.context)
         request = BatchRequest(prompt_ids, sampling or SamplingConfig(), max_new_tokens, list(stop))
         with self._cond:
             if len(self._waiting) >= self.max_queue:
@@ -204,7 +222,7 @@ class BatchEngine:
             free = [s for s in self.slots if s.request is None]
             # The slot that holds most of this prompt; among equals, the least recently used.
             slot = max(free, key=lambda s: (common_prefix(s.state.tokens, request.prompt_ids), -s.last_used))
-            request.stats.cached_tokens = slot.state.reuse(request.prompt_ids)
+            request.stats.cached_tokens = slot.state.reuse(request.prompt_ids, self.reuse_generated)
             if not self.batched:
                 slot.state.reserve(len(request.prompt_ids) + request.max_new_tokens)
             slot.request = request
@@ -221,7 +239,8 @@ class BatchEngine:
         if prefilling:  # one chunk of the oldest request per step: the others keep decoding meanwhile
             slot = min(prefilling, key=lambda s: s.request.submitted)
             chunk_size = getattr(self.model.decoder, "prefill_chunk", 512)
-            chunk, slot.pending = slot.pending[:chunk_size], slot.pending[chunk_size:]
+            chunk, *rest = prefill_chunks(slot.pending, chunk_size)
+            slot.pending = [t for part in rest for t in part]
             logits = slot.state.extend(chunk)
             if not slot.pending:
                 self._emit(slot, logits)

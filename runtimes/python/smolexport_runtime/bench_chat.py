@@ -1,7 +1,7 @@
 """Conversation workloads for `smolexport bench`: a replayed multi-turn chat, and cold start.
 
-- Replayed chat: a system prompt, then CHAT_QUESTIONS one by one, each answered with greedy tokens, while the
-  history keeps FIXED_ANSWER as the assistant's reply, so that every runtime sees the same token ids every turn.
+- Replayed chat: a system prompt, then CHAT_QUESTIONS one by one, each answered with greedy tokens, while
+  the history keeps FIXED_ANSWER as the assistant's reply, so every runtime sees the same ids every turn.
   Time to first token per turn, once on a conversation that keeps its cache (what an app calling
   `model.stream(history)` gets) and once re-prefilling the whole history (what it paid before).
 - Cold start: a new Python process that imports the runtime, loads the export (sha256 of every file, session
@@ -23,8 +23,8 @@ from .kv_state import CacheState
 from .sampling import greedy
 
 SYSTEM_PROMPT = (
-    "You are a helpful assistant inside a note-taking app. Answer briefly and concretely, in plain sentences, "
-    "and say so when you are not sure."
+    "You are a helpful assistant inside a note-taking app. Answer briefly and concretely, in plain "
+    "sentences, and say so when you are not sure."
 )
 CHAT_QUESTIONS = [
     "What is the capital of France?",
@@ -123,7 +123,28 @@ def cold_start(export_dir: Path, threads: int, providers: str = "cpu", runs: int
     }
 
 
-if __name__ == "__main__":  # python -m smolexport_runtime.bench_chat EXPORT_DIR: the replay alone, as JSON
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
     from .model import load
 
-    print(json.dumps(replay_chat(load(sys.argv[1], providers="cpu", threads=2, verify=False)), indent=2))
+    parser = argparse.ArgumentParser(
+        prog="python -m smolexport_runtime.bench_chat", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("export_dir", type=Path)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--providers", default="cpu")
+    parser.add_argument("--cold", action="store_true", help="measure cold start instead of the replayed chat")
+    args = parser.parse_args(argv)
+    if args.cold:
+        result = cold_start(args.export_dir, args.threads, args.providers, args.runs)
+    else:
+        model = load(args.export_dir, providers=args.providers, threads=args.threads, verify=False)
+        result = replay_chat(model, runs=args.runs)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -52,11 +52,12 @@ def generate_cached(
     sampler: Sampler,
     max_new_tokens: int,
     stats: GenerationStats,
+    reuse_generated: bool = False,
 ) -> Generator[int, None, None]:
     """`generate_tokens` on a kept cache: prefills only what the cache does not hold yet."""
     if max_new_tokens <= 0:
         return
-    stats.cached_tokens = state.reuse(prompt_ids)
+    stats.cached_tokens = state.reuse(prompt_ids, reuse_generated)
     state.reserve(len(prompt_ids) + max_new_tokens)
     logits = state.extend(prompt_ids[state.length :])
     for i in range(max_new_tokens):
@@ -70,8 +71,11 @@ class Conversation:
     """One sequence's KV cache, kept between calls. `stream` and `generate` take the same arguments as
     `Model.stream`; pass the whole history each time. One generation at a time per conversation."""
 
-    def __init__(self, model: Model, *, fall_back_when_busy: bool = False) -> None:
+    def __init__(
+        self, model: Model, *, reuse_generated: bool = False, fall_back_when_busy: bool = False
+    ) -> None:
         self.model = model
+        self.reuse_generated = reuse_generated  # also reuse answers' keys and values: see CacheState.reuse
         self.state = CacheState(model.decoder, limit=model.context_length)
         self.last_stats: GenerationStats | None = None
         # The model's own conversation serves a second concurrent stream from a fresh, unkept cache instead
@@ -124,7 +128,7 @@ class Conversation:
         # The conversation is claimed at the first token asked for, not when stream() is called: a stream
         # that is never read holds nothing.
         with self._claim(self._fall_back_when_busy) as state:
-            yield from generate_cached(state, ids, sampler, max_new_tokens, stats)
+            yield from generate_cached(state, ids, sampler, max_new_tokens, stats, self.reuse_generated)
 
     @contextmanager
     def _claim(self, fall_back: bool) -> Iterator[CacheState]:
@@ -155,7 +159,9 @@ class Conversation:
             raise ValueError("the prompt is empty: nothing to save")
         fit_to_context(len(ids), 1, self.model.context_length)
         with self._claim(fall_back=False) as state:
-            state.reuse(ids + [-1])  # keeps every cached token that is a prefix of ids
+            state.reuse(
+                ids
+            )  # keeps what the cache holds of ids, computed as a prefill (see CacheState.reuse)
             state.reserve(len(ids))
             if state.length < len(ids):
                 state.extend(ids[state.length :])
@@ -172,7 +178,7 @@ class Conversation:
             state.reset()
             state.reserve(len(ids))
             _fill_cache(state, arrays)
-            state.tokens = list(ids)
+            state.tokens, state.prefilled = list(ids), len(ids)
         return len(ids)
 
     def warm_start(self, path: str | Path, prompt: Prompt, *, chat: bool | None = None) -> bool:
@@ -190,7 +196,7 @@ class Conversation:
                     state.reset()
                     state.reserve(len(ids))
                     _fill_cache(state, arrays)
-                    state.tokens = list(ids)
+                    state.tokens, state.prefilled = list(ids), len(ids)
                 return True
         self.save_prefix(path, prompt, chat=chat)
         return False

@@ -77,6 +77,17 @@ def ones_mask(length: int) -> np.ndarray:
 _ONES = np.ones((1, 0), dtype=np.int64)
 
 
+def prefill_chunks(ids: Sequence[int], chunk_size: int) -> list[list[int]]:
+    """`ids` in chunks of at most `chunk_size`, the last never a single token when there are more: quantized
+    kernels compute a one-token call like a decode step, not like the prefill it belongs to (kv_state.py)."""
+    ids = list(ids)
+    chunk_size = max(chunk_size, 2)
+    chunks = [ids[i : i + chunk_size] for i in range(0, len(ids), chunk_size)]
+    if len(chunks) > 1 and len(chunks[-1]) == 1:
+        chunks[-2:] = [chunks[-2][:-1], chunks[-2][-1:] + chunks[-1]]
+    return chunks
+
+
 def extend(
     decoder: Decoder, cache: list, length: int, ids: Sequence[int], chunk_size: int | None = None
 ) -> tuple[np.ndarray, list, int]:
@@ -85,8 +96,8 @@ def extend(
     if len(ids) == 0:
         raise ValueError("the prompt is empty: at least one token is needed to start generation")
     chunk_size = chunk_size or getattr(decoder, "prefill_chunk", PREFILL_CHUNK)
-    for start in range(0, len(ids), chunk_size):
-        chunk = np.asarray([ids[start : start + chunk_size]], dtype=np.int64)
+    for part in prefill_chunks(ids, chunk_size):
+        chunk = np.asarray([part], dtype=np.int64)
         end = length + chunk.shape[1]
         positions = np.arange(length, end, dtype=np.int64)[None, :]
         logits, cache = decoder.forward(chunk, ones_mask(end), positions, cache, logits_to_keep=1)

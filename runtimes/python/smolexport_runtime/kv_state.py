@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .generate import Decoder, decode_one_token, extend
+from .generate import PREFILL_CHUNK, Decoder, decode_one_token, extend, prefill_chunks
 
 # Capacities are rounded up to this many positions, so a conversation grows its buffer rarely.
 CAPACITY_STEP = 256
@@ -40,6 +40,8 @@ class CacheState:
         self.limit = limit
         self.cache = cache
         self.tokens: list[int] = list(tokens)
+        # The leading tokens whose keys and values came from multi-token prefill calls (see reuse).
+        self.prefilled = len(self.tokens)
 
     @property
     def length(self) -> int:
@@ -52,20 +54,31 @@ class CacheState:
 
     def reset(self) -> None:
         """Forgets the tokens and frees the buffer."""
-        self.cache, self.tokens = None, []
+        self.cache, self.tokens, self.prefilled = None, [], 0
 
-    def reuse(self, prompt_ids: Sequence[int]) -> int:
-        """Keeps the longest common prefix of the cache and `prompt_ids`, less at least one prompt token (the
-        last prompt token must run to give the logits of the first new one); drops the rest. Returns the
-        number of prompt tokens served from the cache."""
-        keep = min(common_prefix(self.tokens, prompt_ids), len(prompt_ids) - 1)
-        self.truncate(max(keep, 0))
+    def reuse(self, prompt_ids: Sequence[int], generated: bool = False) -> int:
+        """Keeps the longest common prefix of the cache and `prompt_ids` and drops the rest; returns the
+        number of prompt tokens served from the cache. At least the last two prompt tokens run again (the
+        last gives the logits of the first new token; two, so that they run as a prefill, see below).
+
+        Only tokens that were computed by a multi-token prefill are kept unless `generated`: quantized
+        MatMulNBits kernels compute a one-token step (decode) differently from a multi-token one (measured on
+        the 135M int4 export: up to 0.7 apart in the logits of the same position), while multi-token chunks
+        agree exactly however the prompt is split. Keeping only prefill-computed keys and values makes a
+        reused prefix give bit for bit what a fresh prefill of the whole prompt gives; a conversation then
+        prefills the last answer again with the new turn. generated=True keeps the answer's decode-computed
+        keys and values too: faster, but not identical to a fresh prefill on quantized exports."""
+        keep = min(common_prefix(self.tokens, prompt_ids), max(len(prompt_ids) - 2, 0))
+        if not generated:
+            keep = min(keep, self.prefilled)
+        self.truncate(keep)
         return self.length
 
     def truncate(self, length: int) -> None:
         if length >= self.length:
             return
         self.tokens = self.tokens[:length]
+        self.prefilled = min(self.prefilled, length)
         if self.cache is None or self.capacity is not None:
             return  # a preallocated buffer: the next write overwrites positions >= length
         # A growing cache is a list of [batch, kv_heads, seq, head_dim] arrays or OrtValues: cut them.
@@ -92,14 +105,15 @@ class CacheState:
 
     def extend(self, ids: Sequence[int]) -> np.ndarray:
         """Runs `ids` after the cached tokens; returns the last position's logits."""
-        logits = None
-        step = getattr(self.decoder, "prefill_chunk", None) or len(ids)
-        for start in range(0, len(ids), step):
-            chunk = list(ids[start : start + step])
-            logits, self.cache, _ = extend(self.decoder, self.cache, self.length, chunk, step)
-            self.tokens += chunk
-        if logits is None:
+        if not ids:
             raise ValueError("nothing to run: the prompt adds no tokens")
+        logits = None
+        step = getattr(self.decoder, "prefill_chunk", None) or PREFILL_CHUNK
+        for chunk in prefill_chunks(ids, step):
+            logits, self.cache, _ = extend(self.decoder, self.cache, self.length, chunk, len(chunk))
+            if len(chunk) > 1 and self.prefilled == self.length:
+                self.prefilled += len(chunk)
+            self.tokens += chunk
         return logits
 
     def decode(self, token: int) -> np.ndarray:

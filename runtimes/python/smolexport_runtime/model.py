@@ -69,9 +69,10 @@ class Model:
             raise ChatTemplateError("a list of messages needs chat=True; with chat=False pass a string")
         return self.tokenizer.encode(prompt, add_special_tokens=True).ids
 
-    def conversation(self) -> Conversation:
-        """A conversation with a KV cache of its own: one per independent chat an app holds at once."""
-        return Conversation(self)
+    def conversation(self, reuse_generated: bool = False) -> Conversation:
+        """A conversation with a KV cache of its own: one per independent chat an app holds at once.
+        reuse_generated=True also reuses the answers' cached keys and values (see CacheState.reuse)."""
+        return Conversation(self, reuse_generated=reuse_generated)
 
     @property
     def default_conversation(self) -> Conversation:
