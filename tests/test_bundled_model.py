@@ -122,3 +122,43 @@ def test_coreml_export_validates_with_the_reference_interpreter(coreml_exports, 
         assert overall["top1_agreement"] >= 0.97 and overall["mean_kl"] < 1e-3
     else:  # int4 fidelity is reported like the ONNX exports'
         assert 0.4 < overall["top1_agreement"] < 1.0 and overall["ppl_ratio"] < 2.0
+
+
+def test_int4_conversation_reuse_is_exact_and_batching_answers_as_alone(exports):
+    """On the real quantized model: a conversation that keeps its cache answers every turn exactly as a fresh
+    prefill of the whole history does (bit-identical logits), and batched serving answers as each alone."""
+    import numpy as np
+    from smolexport_runtime import load
+    from smolexport_runtime.batching import BatchEngine
+    from smolexport_runtime.generate import prefill
+
+    model = load(exports / "int4", providers="cpu", threads=2, verify=False)
+    conversation = model.conversation()
+    history = [{"role": "system", "content": "You answer in one short sentence."}]
+    questions = ["Name a large ocean.", "Which planet is the largest?", "What do bees make?"]
+    alone = []
+    for question in questions:
+        history.append({"role": "user", "content": question})
+        answer = conversation.generate(history, max_new_tokens=20)
+        assert answer == model.conversation().generate(history, max_new_tokens=20)
+        alone.append(answer)
+        history.append({"role": "assistant", "content": answer})
+    assert conversation.last_stats.cached_tokens > 40
+    history.append({"role": "user", "content": "Thanks."})
+    ids = model.encode(history)
+    state = conversation.state
+    state.reuse(ids)
+    assert state.length > 40
+    reused = state.extend(ids[state.length :])
+    fresh, _, _ = prefill(model.decoder, ids, capacity=len(ids) + 1)
+    np.testing.assert_array_equal(reused, fresh)
+
+    engine = BatchEngine(model, max_batch=4).start()
+    try:
+        prompts = [model.encode([{"role": "user", "content": q}]) for q in questions]
+        expected = [model.conversation().generate([{"role": "user", "content": q}], max_new_tokens=24)
+                    for q in questions]  # fmt: skip
+        requests = [engine.submit(p, max_new_tokens=24) for p in prompts]
+        assert ["".join(r.pieces()) for r in requests] == expected
+    finally:
+        engine.stop()

@@ -210,3 +210,16 @@ def test_a_prompt_cache_from_another_export_or_damaged_is_refused(model, tmp_pat
         model.default_conversation.load_prefix(path)
     with pytest.raises(SmolexportRuntimeError, match="no prompt cache file"):
         model.default_conversation.load_prefix(tmp_path / "missing.npz")
+
+
+def test_decode_steps_reuse_one_io_binding(model):
+    from smolexport_runtime.generate import decode_one_token
+
+    logits, cache, length = prefill(model.decoder, [5, 6, 7], capacity=32)
+    if not hasattr(cache, "binding"):
+        pytest.skip("the standard-ops graph grows its cache by copying: a binding per step")
+    binding = cache.binding
+    for token in (8, 9, 10):
+        logits, cache, length = decode_one_token(model.decoder, token, cache, length)
+        assert cache.binding is binding
+    np.testing.assert_allclose(logits, fresh_logits(model, [5, 6, 7, 8, 9, 10]), atol=1e-4, rtol=1e-4)

@@ -141,3 +141,21 @@ def test_position_ids_from_left_padded_mask():
     mask = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     np.testing.assert_array_equal(position_ids_from_mask(mask, 5), [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]])
     np.testing.assert_array_equal(position_ids_from_mask(mask, 1), [[2], [4]])
+
+
+def test_prefill_chunks_never_end_in_a_single_token():
+    from smolexport_runtime.generate import prefill_chunks
+
+    for n in range(1, 300):
+        chunks = prefill_chunks(list(range(n)), 128)
+        assert [t for c in chunks for t in c] == list(range(n))
+        assert all(1 <= len(c) <= 128 for c in chunks)
+        assert n == 1 or len(chunks[-1]) > 1
+
+
+def test_decode_masks_are_views_of_one_array():
+    from smolexport_runtime.generate import ones_mask
+
+    a, b = ones_mask(10), ones_mask(11)
+    assert a.shape == (1, 10) and b.shape == (1, 11) and a.all() and b.all()
+    assert np.shares_memory(a, b) and not b.flags.writeable
