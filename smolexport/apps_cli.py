@@ -130,10 +130,17 @@ def serve_command(
 @click.option("--temperature", type=click.FloatRange(0), default=0.7, show_default=True, help="0: greedy.")
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=0.9, show_default=True)
 @click.option("--seed", type=click.IntRange(0), default=None)
+@click.option(
+    "--prompt-cache",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="File for the system prompt's KV cache: loaded at start (or computed and saved), so the first "
+    "answer does not prefill the system prompt.",
+)
 @_provider
 @_threads
 @user_errors
-def chat_command(export_dir, system, max_new_tokens, temperature, top_p, seed, provider, threads):
+def chat_command(export_dir, system, max_new_tokens, temperature, top_p, seed, prompt_cache, provider, threads):
     """Chat with an export in the terminal (multi-turn; /reset, /system TEXT, /exit)."""
     chat_module = sample_app("terminal_chat")
     model = _load_model(export_dir, provider, threads)
@@ -144,4 +151,5 @@ def chat_command(export_dir, system, max_new_tokens, temperature, top_p, seed, p
         temperature=temperature,
         top_p=top_p,
         seed=seed,
+        prompt_cache=prompt_cache,
     )

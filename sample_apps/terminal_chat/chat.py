@@ -6,6 +6,10 @@
 
 Commands: /reset starts a new conversation, /system TEXT sets the system prompt (and resets), /exit quits
 (so does end of input, Ctrl-D). Ctrl-C stops the answer being written and keeps what was written so far.
+
+Each turn passes the whole history to `model.stream`, which reuses the cached prefix and prefills only the
+new tokens. With `prompt_cache=FILE`, the system prompt's keys and values are loaded from FILE at start (or
+computed and saved there), so the first answer does not pay for a long system prompt either.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from contextlib import suppress
+from pathlib import Path
 from typing import Any, TextIO
 
 from smolexport_runtime import Model, SmolexportRuntimeError
@@ -44,6 +49,7 @@ def chat(
     top_p: float = 0.9,
     seed: int | None = None,
     read: Callable[[str], str] | None = None,
+    prompt_cache: str | Path | None = None,
 ) -> list[dict[str, str]]:
     """Runs the chat until /exit or end of input; returns the conversation."""
     stdin = stdin or sys.stdin
@@ -69,7 +75,15 @@ def chat(
         stdout.write(text + end)
         stdout.flush()
 
+    def warm_start() -> None:
+        if prompt_cache and system_prompt:
+            try:
+                model.warm_start(prompt_cache, [{"role": "system", "content": system_prompt}])
+            except (SmolexportRuntimeError, OSError) as exc:  # a cache is an optimisation: chat without it
+                say(f"(prompt cache not used: {exc})")
+
     say(HELP)
+    warm_start()
     while True:
         try:
             line = read("> ")
@@ -89,6 +103,7 @@ def chat(
             system_prompt = text[len("/system") :].strip() or None
             history.clear()
             say(f"(system prompt {'set' if system_prompt else 'cleared'}; new conversation)")
+            warm_start()
             continue
         if text in ("/help", "/?"):
             say(HELP)
@@ -139,5 +154,6 @@ if __name__ == "__main__":
     parser.add_argument("model_dir")
     parser.add_argument("--system", default=None)
     parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--prompt-cache", default=None, help="file for the system prompt's KV cache")
     args = parser.parse_args()
-    chat(load(args.model_dir), system=args.system, temperature=args.temperature)
+    chat(load(args.model_dir), system=args.system, temperature=args.temperature, prompt_cache=args.prompt_cache)

@@ -72,6 +72,23 @@ def test_chat_system_command_and_errors(tiny_export):
     assert missing.exit_code == 1 and missing.output.startswith("error: ") and "Traceback" not in missing.output
 
 
+def test_chat_prompt_cache_warms_the_next_session(tiny_export, tiny_model, tmp_path):
+    """--prompt-cache writes the system prompt's cache in the first session and loads it in the next; the
+    answers are those of a chat without it."""
+    cache = tmp_path / "system.npz"
+    args = [str(tiny_export), "--temperature", "0", "--max-new-tokens", "8", "--system", SYSTEM]
+    first = chat([*args, "--prompt-cache", str(cache)], "w5 w6\n")
+    assert first.exit_code == 0 and cache.is_file() and "prompt cache not used" not in first.output
+    saved = cache.stat().st_mtime_ns
+    second = chat([*args, "--prompt-cache", str(cache)], "w5 w6\n")
+    plain = chat(args, "w5 w6\n")
+    assert second.output == first.output == plain.output
+    assert cache.stat().st_mtime_ns == saved  # loaded, not rewritten
+    cache.write_bytes(b"not a cache")  # damaged: rebuilt, the chat goes on
+    third = chat([*args, "--prompt-cache", str(cache)], "w5 w6\n")
+    assert third.output == plain.output and cache.stat().st_size > 100
+
+
 def run_cli(args, **kwargs):
     exe = [sys.executable, "-c", "from smolexport.cli import main; main()", *args]
     # From another directory: the CLI must find sample_apps/ by itself.
