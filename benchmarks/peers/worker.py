@@ -3,6 +3,8 @@
     python worker.py logits BACKEND MODEL TOKENS.json OUT.npz      # teacher-forced logits of each sequence
     python worker.py speed BACKEND MODEL WORKLOAD.json OUT.json     # the `smolexport bench` workload
     python worker.py quantize SRC.gguf DST.gguf TYPE                # llama.cpp's quantizer (Q4_0, Q4_K_M, Q8_0)
+    python worker.py chat BACKEND MODEL WORKLOAD.json OUT.json      # replayed chat with prefix reuse, decode
+    python worker.py cold BACKEND MODEL IDS.json                    # load, then print "first-token"
 
 BACKEND: llamacpp (a .gguf, llama-cpp-python), genai (an onnxruntime-genai model-builder folder, its generate
 API), optimum (an optimum ONNX export folder, ORTModelForCausalLM), torch (a HF folder, transformers eager fp32).
@@ -274,6 +276,107 @@ def cmd_speed(backend: str, model: str, workload_file: str, out: str) -> None:
     print(json.dumps(result))
 
 
+# --- conversations (benchmarks/conversation.py) ------------------------------------------------------------
+
+
+def common_prefix(a, b) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class LlamaCppChat:
+    """llama-cpp-python's own prefix reuse: `generate(tokens, reset=True)` keeps the longest common prefix of
+    what the context holds and re-evaluates the rest (it always re-evaluates at least the last prompt token)."""
+
+    def __init__(self, model: str, context: int):
+        self.llm = LlamaCpp(model, context).llm
+
+    def turn(self, ids, answer_tokens):
+        start = time.perf_counter()
+        tokens = self.llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True)
+        first = next(tokens)
+        ttft = time.perf_counter() - start
+        out = [first]
+        for token in tokens:
+            if len(out) >= answer_tokens:
+                break
+            out.append(token)
+        tokens.close()
+        return ttft, out
+
+
+class GenaiChat:
+    """onnxruntime-genai's continuous decoding: one generator for the conversation; each turn rewinds it to
+    the longest common prefix with the new prompt (`rewind_to`) and appends the rest (`append_tokens`)."""
+
+    def __init__(self, model: str, context: int):
+        self.genai = Genai(model, context)
+        self.gen = self.genai._generator(context)
+        self.tokens: list[int] = []
+
+    def turn(self, ids, answer_tokens):
+        start = time.perf_counter()
+        keep = min(common_prefix(self.tokens, ids), len(ids) - 1)
+        if keep < len(self.tokens):
+            self.gen.rewind_to(keep)
+        self.gen.append_tokens(np.array(ids[keep:], dtype=np.int32))
+        self.gen.generate_next_token()
+        out = [int(self.gen.get_next_tokens()[0])]
+        ttft = time.perf_counter() - start
+        while len(out) < answer_tokens:
+            self.gen.generate_next_token()
+            out.append(int(self.gen.get_next_tokens()[0]))
+        # The generator holds the prompt and every generated token but the last one fed back next.
+        self.tokens = list(ids) + out[:-1]
+        return ttft, out
+
+
+CHAT_BACKENDS = {"llamacpp": LlamaCppChat, "genai": GenaiChat}
+
+
+def cmd_chat(backend: str, model: str, workload_file: str, out: str) -> None:
+    """Each replay: one conversation object, the turns in order, time to first token per turn (medians over
+    runs, after one warm-up replay of two turns); then single-stream greedy decode of `decode_tokens`."""
+    w = json.loads(Path(workload_file).read_text())
+    turns, answer_tokens, runs = w["turns"], w["answer_tokens"], w["runs"]
+    warm = CHAT_BACKENDS[backend](model, w["context"])
+    for ids in turns[:2]:
+        warm.turn(ids, answer_tokens)
+    del warm
+    per_run = []
+    for _ in range(runs):
+        chat = CHAT_BACKENDS[backend](model, w["context"])
+        per_run.append([chat.turn(ids, answer_tokens)[0] for ids in turns])
+        del chat
+    runner = BACKENDS[backend](model, context=w["context"])
+    decode = []
+    for _ in range(runs):
+        token = runner.prefill(w["decode_prompt"])
+        start = time.perf_counter()
+        for _ in range(w["decode_tokens"]):
+            token = runner.step(token)
+        decode.append(w["decode_tokens"] / (time.perf_counter() - start))
+    result = {
+        "backend": backend,
+        "ttft_ms_reused": [round(1000 * statistics.median(t), 1) for t in zip(*per_run, strict=True)],
+        "decode_tok_s": round(statistics.median(decode), 1),
+    }
+    Path(out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+
+
+def cmd_cold(backend: str, model: str, ids_file: str) -> None:
+    """Load the model and produce the first token of the prompt; the harness times this process."""
+    ids = json.loads(Path(ids_file).read_text())
+    runner = BACKENDS[backend](model, context=2048)
+    runner.prefill(ids)
+    print("first-token", flush=True)
+
+
 def cmd_quantize(src: str, dst: str, kind: str) -> None:
     llama_cpp = llama_cpp_module()
     ftype = {"Q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0, "Q4_K_M": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M,
@@ -288,7 +391,8 @@ def cmd_quantize(src: str, dst: str, kind: str) -> None:
 
 def main(argv: list[str]) -> None:
     command, *args = argv
-    {"logits": cmd_logits, "speed": cmd_speed, "quantize": cmd_quantize}[command](*args)
+    commands = {"logits": cmd_logits, "speed": cmd_speed, "quantize": cmd_quantize, "chat": cmd_chat, "cold": cmd_cold}
+    commands[command](*args)
 
 
 if __name__ == "__main__":

@@ -110,3 +110,18 @@ def test_block_size_that_does_not_divide_the_model_is_refused(tiny_models, tmp_p
     with pytest.raises(UsageError, match="does not divide"):
         export_coreml(str(folder), tmp_path / "e", CoreMLExportOptions("int4", context_length=64, block_size=block))
     assert not (tmp_path / "e").exists()
+
+
+def test_a_conversation_on_core_ml_states_reuses_its_prefix(exports):
+    """Prefix reuse through the Core ML decoder: truncating is a shorter length in the state, and a diverging
+    prompt answers as a fresh state does."""
+    root, _ = exports
+    package = root / "fp16" / "model.mlpackage"
+    runtime = load_coreml(root / "fp16", runner=Interpreter(package))
+    conversation = runtime.conversation()
+    first = conversation.generate("w5 w6 w7 w8 w9", chat=False, max_new_tokens=4)
+    second = conversation.generate("w5 w6 w7 w20 w21", chat=False, max_new_tokens=6)
+    assert conversation.last_stats.cached_tokens == 3
+    fresh = load_coreml(root / "fp16", runner=Interpreter(package))
+    assert second == fresh.generate("w5 w6 w7 w20 w21", chat=False, max_new_tokens=6)
+    assert first == fresh.generate("w5 w6 w7 w8 w9", chat=False, max_new_tokens=4)

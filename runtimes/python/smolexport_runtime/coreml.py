@@ -87,6 +87,12 @@ class CoreMLDecoder:
             raise SmolexportRuntimeError("Core ML exports generate one sequence at a time (batch 1)")
         return [{"state": self.runner.new_state(), "length": 0}]
 
+    def truncate_cache(self, cache: list[dict], length: int) -> list[dict]:
+        """Forgets the positions from `length` on (prefix reuse): the program writes each step at the cached
+        length and attends through the causal mask, so the state needs no change."""
+        cache[0]["length"] = min(cache[0]["length"], length)
+        return cache
+
     def _run(self, ids: np.ndarray, handle: dict) -> np.ndarray:
         total = handle["length"] + ids.shape[1]
         inputs = {"input_ids": ids.astype(np.int32), "causal_mask": causal_mask(ids.shape[1], total)}

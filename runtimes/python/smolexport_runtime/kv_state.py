@@ -81,6 +81,9 @@ class CacheState:
         self.prefilled = min(self.prefilled, length)
         if self.cache is None or self.capacity is not None:
             return  # a preallocated buffer: the next write overwrites positions >= length
+        if hasattr(self.decoder, "truncate_cache"):  # a cache the decoder keeps its own way (Core ML states)
+            self.cache = self.decoder.truncate_cache(self.cache, length)
+            return
         # A growing cache is a list of [batch, kv_heads, seq, head_dim] arrays or OrtValues: cut them.
         self.cache = [np.ascontiguousarray(_to_numpy(c)[:, :, :length]) for c in self.cache]
 
