@@ -86,13 +86,19 @@ _threads = click.option("--threads", type=click.IntRange(1), default=None, help=
 @click.option(
     "--max-queue", type=click.IntRange(1), default=64, show_default=True, help="Requests allowed to wait; then 503."
 )
+@click.option(
+    "--context",
+    type=click.IntRange(16),
+    default=None,
+    help="Tokens per request (prompt + answer), each slot's KV buffer; default 2048 or the model's if shorter.",
+)
 @_provider
 @_threads
 @click.option("--quiet", "-q", is_flag=True, help="Do not log requests.")
 @user_errors
 def serve_command(
     export_dir, host, port, api_key, model_name, default_max_tokens, default_temperature, max_batch, max_queue,
-    provider, threads, quiet,
+    context, provider, threads, quiet,
 ):  # fmt: skip
     """Serve an export with an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models)."""
     server_module = sample_app("openai_server")
@@ -109,6 +115,7 @@ def serve_command(
             default_temperature=default_temperature,
             max_batch=max_batch,
             max_queue=max_queue,
+            context=context,
             log_requests=not quiet,
         )
     except OSError as exc:

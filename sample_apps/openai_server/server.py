@@ -195,11 +195,14 @@ class ModelService:
     default_temperature: float = 0.7
     max_batch: int = 8
     max_queue: int = 64
+    context: int | None = None  # tokens per slot; None: BatchEngine's default (2,048, or the model's if shorter)
     created: int = field(default_factory=lambda: int(time.time()))
     stats: ServiceStats = field(default_factory=ServiceStats)
 
     def __post_init__(self) -> None:
-        self.engine = BatchEngine(self.model, max_batch=self.max_batch, max_queue=self.max_queue).start()
+        self.engine = BatchEngine(
+            self.model, max_batch=self.max_batch, max_queue=self.max_queue, context=self.context
+        ).start()
         self._stats_lock = threading.Lock()
 
     def close(self) -> None:
@@ -207,7 +210,8 @@ class ModelService:
 
     @property
     def context_length(self) -> int:
-        return self.model.context_length or 1 << 30
+        """Tokens a request may use (prompt + answer): what one slot holds."""
+        return self.engine.context or 1 << 30
 
     @property
     def tokens_generated(self) -> int:
@@ -740,6 +744,7 @@ def make_server(
     default_temperature: float = 0.7,
     max_batch: int = 8,
     max_queue: int = 64,
+    context: int | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
     providers: str = "auto",
     threads: int | None = None,
@@ -759,6 +764,7 @@ def make_server(
         default_temperature=default_temperature,
         max_batch=max_batch,
         max_queue=max_queue,
+        context=context,
     )
     return OpenAIServer((host, port), service, api_key, max_body_bytes, log_requests)
 

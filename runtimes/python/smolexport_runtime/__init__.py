@@ -9,7 +9,9 @@ Usage::
         print(piece, end="", flush=True)
 """
 
+from .batching import BatchEngine, BatchRequest, QueueFullError
 from .chat import ChatTemplate
+from .conversation import Conversation, ConversationBusyError, PromptCacheError
 from .errors import ChatTemplateError, ContextLengthError, ManifestError, SmolexportRuntimeError
 from .generate import GenerationStats, decode_one_token, prefill, stream_generate
 from .manifest import Manifest, load_manifest
@@ -20,6 +22,12 @@ from .session import OnnxDecoder, resolve_providers
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchEngine",
+    "BatchRequest",
+    "Conversation",
+    "ConversationBusyError",
+    "PromptCacheError",
+    "QueueFullError",
     "ChatTemplate",
     "ChatTemplateError",
     "ContextLengthError",
