@@ -110,6 +110,17 @@ def test_damaged_export_fails_at_load(tmp_path, export_dir):
         load(folder)
 
 
+def test_a_damaged_graph_file_is_reported_as_damage_not_as_an_onnxruntime_error(tmp_path, export_dir):
+    """The checksums run beside the session's creation: when onnxruntime fails on a truncated model.onnx, the
+    checksum's verdict is what the user sees."""
+    folder = tmp_path / "copy"
+    shutil.copytree(export_dir, folder)
+    graph = folder / "model.onnx"
+    graph.write_bytes(graph.read_bytes()[:200])
+    with pytest.raises(ManifestError, match=r"model\.onnx size mismatch"):
+        load(folder)
+
+
 def test_graph_that_does_not_match_its_manifest(tmp_path):
     # The manifest claims float16 caches but the graph takes float32 ones.
     kv_cache = {"layout": "batch,kv_heads,seq,head_dim", "dtype": "float16"}

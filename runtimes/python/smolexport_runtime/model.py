@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -10,9 +11,9 @@ from tokenizers import Tokenizer
 
 from .chat import ChatTemplate, Message, load_chat_template
 from .conversation import Conversation
-from .errors import ChatTemplateError
+from .errors import ChatTemplateError, SmolexportRuntimeError
 from .generate import Decoder, GenerationStats
-from .manifest import Manifest, load_manifest
+from .manifest import Manifest, load_manifest, verify_files
 from .session import OnnxDecoder
 from .tokenizer import eos_token_ids, load_tokenizer, read_json
 
@@ -103,16 +104,42 @@ class Model:
             self._conversation.reset()
 
 
+def _verify_into(folder: Path, manifest: Manifest, result: list) -> None:
+    try:
+        verify_files(folder, manifest.files)
+        result.append(None)
+    except BaseException as exc:  # handed to the loading thread, which raises it
+        result.append(exc)
+
+
 def load(
     path: str | Path,
     providers: str | Sequence[str] = "auto",
     threads: int | None = None,
     verify: bool = True,
 ) -> Model:
-    """Loads an export folder. `verify` checks every file's sha256 first (seconds for GB-sized weights)."""
+    """Loads an export folder. `verify` checks every file's sha256 (about a second per GB of weights), on a
+    thread of its own while onnxruntime builds the session: a damaged folder still raises ManifestError before
+    anything runs, and a cold start does not pay for the hashing on top of the session."""
     folder = Path(path)
-    manifest = load_manifest(folder, verify=verify)
-    decoder = OnnxDecoder(folder / "model.onnx", manifest, providers=providers, threads=threads)
+    manifest = load_manifest(folder, verify=False)
+    checked: list[BaseException | None] = []
+    checker = None
+    if verify:
+        checker = threading.Thread(target=_verify_into, args=(folder, manifest, checked), daemon=True)
+        checker.start()
+    try:
+        decoder = OnnxDecoder(folder / "model.onnx", manifest, providers=providers, threads=threads)
+    except SmolexportRuntimeError:
+        if checker is not None:  # a damaged file explains a failed load better than onnxruntime's message
+            checker.join()
+            if checked and checked[0] is not None:
+                raise checked[0] from None
+        raise
+    if checker is not None:
+        checker.join()
+        if checked[0] is not None:
+            raise checked[0]
     tokenizer = load_tokenizer(folder)
     tokenizer_config = read_json(folder / "tokenizer_config.json")
     generation_config = read_json(folder / "generation_config.json")
