@@ -155,3 +155,18 @@ def test_an_idle_slot_keeps_its_prefix_while_higher_rows_decode(engine, export):
     assert follow_up.stats.cached_tokens >= 6
     if engine.batched:
         assert 0 not in rows  # the others ran above row 0, which held the first conversation
+
+
+def test_stopping_the_engine_ends_every_request(export):
+    model = load(export, providers=["cpu"], threads=1, verify=False)
+    engine = BatchEngine(model, max_batch=1, max_queue=4).start()
+    running = engine.submit(model.encode(PROMPTS[0]), max_new_tokens=model.context_length)
+    queued = engine.submit(model.encode(PROMPTS[1]), max_new_tokens=4)
+    next(running.pieces())
+    engine.stop()
+    assert running.done.wait(5) and queued.done.wait(5)
+    for request in (running, queued):
+        with pytest.raises(Exception, match="stopped"):
+            collect(request)
+    with pytest.raises(Exception, match="engine is stopped"):
+        engine.submit(model.encode(PROMPTS[0]), max_new_tokens=4)

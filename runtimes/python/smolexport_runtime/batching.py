@@ -185,6 +185,8 @@ class BatchEngine:
         max_new_tokens = fit_to_context(len(prompt_ids), max_new_tokens, self.context)
         request = BatchRequest(prompt_ids, sampling or SamplingConfig(), max_new_tokens, list(stop))
         with self._cond:
+            if self._stopping:
+                raise SmolexportRuntimeError("the engine is stopped")
             if len(self._waiting) >= self.max_queue:
                 raise QueueFullError(f"{len(self._waiting)} requests are waiting already; retry later")
             self._waiting.append(request)
@@ -209,8 +211,11 @@ class BatchEngine:
         for slot in self.slots:
             if slot.request is not None:
                 self._finish(slot, error=SmolexportRuntimeError("the engine was stopped"))
-        while self._waiting:
-            self._waiting.popleft()._put(SmolexportRuntimeError("the engine was stopped"))
+        with self._cond:
+            while self._waiting:
+                request = self._waiting.popleft()
+                request._put(SmolexportRuntimeError("the engine was stopped"))
+                self._close(request)
 
     def _admit(self) -> None:
         """Moves waiting requests into free slots (called with the lock held)."""
