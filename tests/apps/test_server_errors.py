@@ -18,15 +18,19 @@ from sample_apps.openai_server.server import Handler
 from .conftest import slow_model
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model):
-    srv = make_server(port=0, model=tiny_model, model_name="tiny", max_body_bytes=1_000_000)
+def serving(srv):
+    """Runs `srv` on a thread for a fixture's lifetime (use with `yield from`)."""
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
     yield srv
     srv.shutdown()
     srv.server_close()
     thread.join(5)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model):
+    yield from serving(make_server(port=0, model=tiny_model, model_name="tiny", max_body_bytes=1_000_000))
 
 
 def request(server, method, path, body=None, headers=None, raw: bytes | None = None):
@@ -195,13 +199,7 @@ def test_keep_alive_connection_survives_an_error(server):
 @pytest.fixture
 def slow_server(tiny_export):
     """20 ms per token and no eos: a 200-token answer would take 4 s."""
-    srv = make_server(port=0, model=slow_model(tiny_export, 0.02), model_name="tiny")
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-    thread.join(5)
+    yield from serving(make_server(port=0, model=slow_model(tiny_export, 0.02), model_name="tiny"))
 
 
 def wait_until(condition, timeout=30.0, what="the condition"):
@@ -341,13 +339,8 @@ def test_a_failed_response_head_still_ends_the_generation(tiny_model, monkeypatc
 @pytest.fixture
 def one_at_a_time_server(tiny_export):
     """The slow server with a batch of one: a second request must wait in the queue."""
-    srv = make_server(port=0, model=slow_model(tiny_export, 0.02), model_name="tiny", max_batch=1, max_queue=1)
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-    thread.join(5)
+    model = slow_model(tiny_export, 0.02)
+    yield from serving(make_server(port=0, model=model, model_name="tiny", max_batch=1, max_queue=1))
 
 
 def test_past_the_batch_requests_queue_and_past_the_queue_get_503(one_at_a_time_server):

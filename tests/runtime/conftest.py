@@ -249,3 +249,17 @@ def make_export(folder: Path, kv_dtype: str = "float32", chat_template: bool = T
 def export_dir(tmp_path_factory) -> Path:
     """A complete float32-cache export folder. Session-scoped and shared: tests must not modify it."""
     return make_export(tmp_path_factory.mktemp("export") / "tiny")
+
+
+@pytest.fixture(scope="module", params=["fused", "standard"])
+def llama_export(request, tmp_path_factory) -> Path:
+    """A tiny random Llama exported both ways: GroupQueryAttention with its shared, preallocated buffer, and
+    the standard-ops graph whose cache grows by copying. Module-scoped and shared: tests must not modify it."""
+    from smolexport.onnx.export import OnnxExportOptions, export_onnx
+    from tests.conftest import make_tiny_llama
+
+    root = tmp_path_factory.mktemp(f"llama-{request.param}")
+    make_tiny_llama(root / "src", seed=3)
+    out = root / "export"
+    export_onnx(str(root / "src"), out, OnnxExportOptions(quant="fp32", fused=request.param == "fused"))
+    return out

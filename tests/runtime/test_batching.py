@@ -16,16 +16,9 @@ from smolexport_runtime.errors import ContextLengthError
 PROMPTS = ["w10 w11", "w20 w21 w22 w23 w24 w25 w26", "w30", "w40 w41 w42 w43", "w50 w51 w52"]
 
 
-@pytest.fixture(scope="module", params=["fused", "standard"])
-def export(request, tmp_path_factory):
-    from smolexport.onnx.export import OnnxExportOptions, export_onnx
-    from tests.conftest import make_tiny_llama
-
-    root = tmp_path_factory.mktemp(f"batch-{request.param}")
-    make_tiny_llama(root / "src", seed=4)
-    out = root / "export"
-    export_onnx(str(root / "src"), out, OnnxExportOptions(quant="fp32", fused=request.param == "fused"))
-    return out
+@pytest.fixture(scope="module")
+def export(llama_export):
+    return llama_export
 
 
 @pytest.fixture
@@ -45,7 +38,7 @@ def collect(request) -> str:
 
 
 def test_the_batched_path_is_taken_where_the_graph_allows_it(engine, export):
-    assert engine.batched == (export.parent.name.startswith("batch-fused"))
+    assert engine.batched == export.parent.name.startswith("llama-fused")
 
 
 def test_concurrent_greedy_requests_answer_as_alone(engine, export):

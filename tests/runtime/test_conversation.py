@@ -18,16 +18,9 @@ SYSTEM = {"role": "system", "content": "w10 w11 w12 w13 w14 w15 w16 w17"}
 QUESTIONS = ["w20 w21 w22", "w30 w31 w32 w33", "w40 w41", "w50 w51 w52", "w60"]
 
 
-@pytest.fixture(scope="module", params=["fused", "standard"])
-def export(request, tmp_path_factory):
-    from smolexport.onnx.export import OnnxExportOptions, export_onnx
-    from tests.conftest import make_tiny_llama
-
-    root = tmp_path_factory.mktemp(f"conv-{request.param}")
-    make_tiny_llama(root / "src", seed=3)
-    out = root / "export"
-    export_onnx(str(root / "src"), out, OnnxExportOptions(quant="fp32", fused=request.param == "fused"))
-    return out
+@pytest.fixture(scope="module")
+def export(llama_export):
+    return llama_export
 
 
 @pytest.fixture
