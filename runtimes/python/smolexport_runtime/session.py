@@ -123,7 +123,10 @@ class OnnxDecoder:
             )
         self.providers = active
         self._check_graph(manifest.kv_dtype)
-        self.keeps_logits = any(i.name == "logits_to_keep" for i in self.session.get_inputs())
+        # A required input in graphs exported before genai_config.json, an overridable initializer (default 0)
+        # since: onnxruntime lists those apart from the inputs, and binds them the same way.
+        graph_inputs = [*self.session.get_inputs(), *self.session.get_overridable_initializers()]
+        self.keeps_logits = any(i.name == "logits_to_keep" for i in graph_inputs)
         # Presents stay on the device that computed them; the next step reads them there.
         self.cache_device = "cuda" if active[0] == CUDA else "cpu"
         # Prompt tokens per prefill call (generate.prefill). On CPU, chunks of 128 keep ONNX Runtime's arena
@@ -208,8 +211,9 @@ class OnnxDecoder:
         for name, value in (("input_ids", input_ids), ("attention_mask", attention_mask),
                             ("position_ids", position_ids)):  # fmt: skip
             binding.bind_cpu_input(name, value)
-        if self.keeps_logits:
-            binding.bind_cpu_input("logits_to_keep", np.array([logits_to_keep], dtype=np.int64))
+        if self.keeps_logits:  # an OrtValue: bind_cpu_input refuses names of overridable initializers
+            keep = ort.OrtValue.ortvalue_from_numpy(np.array([logits_to_keep], dtype=np.int64))
+            binding.bind_ortvalue_input("logits_to_keep", keep)
         for name, value in zip(self.past_names, past, strict=True):
             if isinstance(value, np.ndarray):
                 binding.bind_cpu_input(name, value)
