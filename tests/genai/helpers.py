@@ -1,0 +1,55 @@
+"""Greedy decoding of one export folder by onnxruntime-genai and by our runtime, token for token."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+og = pytest.importorskip("onnxruntime_genai")
+
+
+@cache
+def genai_model(folder: Path):
+    return og.Model(str(folder))
+
+
+def genai_generator(folder: Path, max_length: int):
+    model = genai_model(Path(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=max_length)
+    return og.Generator(model, params)
+
+
+def genai_steps(generator, n: int) -> list[int]:
+    """Up to `n` tokens from genai's loop, ending early where genai says it is done (an eos token)."""
+    out: list[int] = []
+    while len(out) < n and not generator.is_done():
+        generator.generate_next_token()
+        out.append(int(generator.get_next_tokens()[0]))
+    return out
+
+
+def genai_greedy(folder: Path, prompt_ids: Sequence[int], n: int) -> list[int]:
+    generator = genai_generator(folder, len(prompt_ids) + n)
+    generator.append_tokens(list(prompt_ids))
+    return genai_steps(generator, n)
+
+
+def ours_greedy(model, prompt_ids: Sequence[int], n: int) -> list[int]:
+    """Our runtime's greedy tokens (prefill with logits_to_keep=1, then the preallocated cache), up to and
+    including the first eos, as genai returns them."""
+    from smolexport_runtime import decode_one_token, prefill
+
+    logits, cache, length = prefill(model.decoder, list(prompt_ids), capacity=len(prompt_ids) + n)
+    out: list[int] = []
+    while len(out) < n:
+        token = int(np.argmax(logits))
+        out.append(token)
+        if token in model.eos_token_ids or len(out) == n:
+            break
+        logits, cache, length = decode_one_token(model.decoder, token, cache, length)
+    return out
