@@ -77,9 +77,10 @@ def test_genai_continuous_decoding(tiny_exports, flavour):
     generator = genai_generator(folder, 200)
     generator.append_tokens(prompt)
     first = genai_steps(generator, 12)
-    assert first == ours_greedy(model, prompt, 12)
-    # genai does not feed the last sampled token before appended ones (the same with its own builder's
-    # exports, docs/export-folder.md): step back over it and append it with the next turn.
+    assert first == ours_greedy(model, prompt, 12) and not generator.is_done()  # cut at 12 tokens, no eos
+    # The last sampled token is in genai's sequence but not yet in the cache, and append_tokens does not feed
+    # it (the same with its own builder's exports, docs/export-folder.md): step back over it and append it
+    # with the next turn. test_genai_bundled.py covers an answer that ends with eos.
     generator.rewind_to(generator.token_count() - 1)
     generator.append_tokens([first[-1], *turn2])
     second = genai_steps(generator, 12)
