@@ -52,6 +52,10 @@ def assert_same_greedy(folder, prompts):
         assert list(tokenizer.encode(rendered)) == ids, prompt
         expected = ours_greedy(model, ids, NEW_TOKENS)
         assert genai_greedy(folder, ids, NEW_TOKENS) == expected, prompt
+        # and 32 tokens however short the answer: eos masked in both (genai: min_length)
+        expected = ours_greedy(model, ids, NEW_TOKENS, ban_eos=True)
+        assert len(expected) == NEW_TOKENS
+        assert genai_greedy(folder, ids, NEW_TOKENS, ban_eos=True) == expected, prompt
 
 
 @pytest.mark.parametrize("quant", ["fp32", "int4"])
