@@ -81,7 +81,9 @@ def decode_feeds(sess: ort.InferenceSession, new: int, past: int, head_dim: int 
     """Inputs for `new` tokens after `past` cached ones, by the graph's own input names and types (`head_dim`
     where a graph leaves it symbolic, as onnxruntime-genai's does)."""
     feeds = {}
-    for i in sess.get_inputs():
+    # Our logits_to_keep is an optional input, listed with the overridable initializers (docs/onnx-export.md).
+    keep = [i for i in sess.get_overridable_initializers() if i.name == "logits_to_keep"]
+    for i in [*sess.get_inputs(), *keep]:
         if i.name == "input_ids":
             feeds[i.name] = np.random.default_rng(0).integers(3, 1000, (1, new)).astype(np.int64)
         elif i.name == "attention_mask":

@@ -90,3 +90,26 @@ def tiny_models(tmp_path_factory):
         "gqa_tied": (root / "gqa_tied", make_tiny_llama(root / "gqa_tied", heads=4, kv_heads=2, tied=True)),
         "mha_untied": (root / "mha_untied", make_tiny_llama(root / "mha_untied", heads=4, kv_heads=4, tied=False)),
     }
+
+
+def export_bundled(root: Path, name: str, *args: str) -> Path:
+    """Exports the bundled SmolLM2-135M-Instruct through the CLI (`smolexport onnx ... -q`) to root/name."""
+    from click.testing import CliRunner
+
+    from smolexport.cli import main
+
+    out = root / name
+    command = ["onnx", "--model", "smollm2-135m-instruct", *args, "--output", str(out), "-q"]
+    result = CliRunner().invoke(main, command)
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    return out
+
+
+@pytest.fixture(scope="session")
+def bundled_exports(tmp_path_factory) -> Path:
+    """The bundled 135M exported to int4 and fp32 (root/int4, root/fp32), once per session: shared by
+    test_bundled_model.py and tests/genai. Tests must not modify them."""
+    root = tmp_path_factory.mktemp("bundled")
+    for quant in ("int4", "fp32"):
+        export_bundled(root, quant, "--quant", quant)
+    return root

@@ -26,18 +26,16 @@ def invoke(*args):
 
 
 @pytest.fixture(scope="module")
-def exports(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bundled")
-    for quant in ("int4", "fp32"):
-        result = invoke("onnx", "--model", "smollm2-135m-instruct", "--quant", quant, "--output", root / quant, "-q")
-        assert result.exit_code == 0, result.output
-    return root
+def exports(bundled_exports):
+    return bundled_exports  # int4 and fp32, exported once per session (tests/conftest.py)
 
 
 def test_int4_export_answers_the_readme_question(exports):
     manifest = json.loads((exports / "int4" / "smolexport.json").read_text())
     assert manifest["quant"]["mode"] == "int4" and manifest["model"]["num_layers"] == 30
-    assert {"model.onnx", "model.onnx.data", "tokenizer.json", "chat_template.jinja"} <= set(manifest["files"])
+    assert {"model.onnx", "model.onnx.data", "tokenizer.json", "chat_template.jinja", "genai_config.json"} <= set(
+        manifest["files"]
+    )
     result = invoke("run", exports / "int4", "What is the capital of France?", "--greedy", "--max-new-tokens", "24")
     assert result.exit_code == 0
     assert "Paris" in result.stdout

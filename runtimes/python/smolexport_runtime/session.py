@@ -34,7 +34,7 @@ CUDA = "CUDAExecutionProvider"
 # Inputs a graph may have beyond the contract: `logits_to_keep` (default 0 = logits for all positions).
 OPTIONAL_INPUTS = ("logits_to_keep",)
 # logits_to_keep values fed as is, so that a decode step allocates nothing for them: [0] (all) and [1] (last).
-KEEP_LOGITS = (np.array([0], dtype=np.int64), np.array([1], dtype=np.int64))
+KEEP_LOGITS = tuple(ort.OrtValue.ortvalue_from_numpy(np.array([k], dtype=np.int64)) for k in (0, 1))
 # onnxruntime's names for the cache element types the manifest allows.
 ORT_KV_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int8": "tensor(int8)"}
 
@@ -152,7 +152,10 @@ class OnnxDecoder:
             )
         self.providers = active
         self._check_graph(manifest.kv_dtype)
-        self.keeps_logits = any(i.name == "logits_to_keep" for i in self.session.get_inputs())
+        # A required input in graphs exported before genai_config.json, an overridable initializer (default 0)
+        # since: onnxruntime lists those apart from the inputs, and binds them the same way.
+        graph_inputs = [*self.session.get_inputs(), *self.session.get_overridable_initializers()]
+        self.keeps_logits = any(i.name == "logits_to_keep" for i in graph_inputs)
         # Presents stay on the device that computed them; the next step reads them there.
         self.cache_device = "cuda" if active[0] == CUDA else "cpu"
         # Prompt tokens per prefill call (generate.prefill). On CPU, chunks of 128 keep ONNX Runtime's arena
@@ -275,9 +278,11 @@ class OnnxDecoder:
         binding.bind_cpu_input("input_ids", input_ids)
         binding.bind_cpu_input("attention_mask", attention_mask)
         binding.bind_cpu_input("position_ids", position_ids)
-        if self.keeps_logits:
-            keep = KEEP_LOGITS[logits_to_keep] if logits_to_keep in (0, 1) else np.array([logits_to_keep])
-            binding.bind_cpu_input("logits_to_keep", keep.astype(np.int64, copy=False))
+        if self.keeps_logits:  # an OrtValue: bind_cpu_input refuses names of overridable initializers
+            keep = KEEP_LOGITS[logits_to_keep] if logits_to_keep in (0, 1) else None
+            if keep is None:
+                keep = ort.OrtValue.ortvalue_from_numpy(np.array([logits_to_keep], dtype=np.int64))
+            binding.bind_ortvalue_input("logits_to_keep", keep)
         one_row = input_ids.shape[1] == 1 or (self.keeps_logits and logits_to_keep == 1)
         if shared and one_row:
             # Decode and last-position prefill write [batch, 1, vocab] into a buffer bound once: reading the
