@@ -206,15 +206,14 @@ class OnnxDecoder:
         """
         if capacity is not None and self.shares_buffer:
             shape = [batch, self.num_kv_heads, capacity, self.head_dim]
+            # Uninitialized: pages are touched only as positions get written, so RSS grows with the text.
+            values = [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, self.cache_device)
+                      for _ in self.past_names]  # fmt: skip
             if self.cache_device == "cpu":
-                # np.empty: pages are touched only as positions get written, so RSS grows with the text.
-                arrays = [np.empty(shape, dtype=self.kv_dtype) for _ in self.past_names]
-                return KVBuffers([ort.OrtValue.ortvalue_from_numpy(a) for a in arrays], capacity, arrays)
-            return KVBuffers(
-                [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, self.cache_device)
-                 for _ in self.past_names],
-                capacity,
-            )  # fmt: skip
+                # numpy views of onnxruntime's own buffers (the views keep them alive), not OrtValues over
+                # numpy arrays: `.numpy()` of those does not keep the array alive (dangling once freed).
+                return KVBuffers(values, capacity, [v.numpy() for v in values])
+            return KVBuffers(values, capacity)
         shape = (batch, self.num_kv_heads, 0, self.head_dim)
         return [np.zeros(shape, dtype=self.kv_dtype) for _ in self.past_names]
 
