@@ -18,6 +18,7 @@ import subprocess
 import time
 
 import numpy as np
+import onnxruntime as ort
 from smolexport_runtime import load
 from smolexport_runtime.generate import decode_one_token, ones_mask, prefill
 
@@ -29,7 +30,8 @@ def old_forward(decoder, token: int, cache, length: int):
     binding.bind_cpu_input("attention_mask", np.ones((1, length + 1), dtype=np.int64))
     binding.bind_cpu_input("position_ids", np.array([[length]], dtype=np.int64))
     if decoder.keeps_logits:
-        binding.bind_cpu_input("logits_to_keep", np.array([0], dtype=np.int64))
+        keep = ort.OrtValue.ortvalue_from_numpy(np.array([0], dtype=np.int64))  # an overridable initializer
+        binding.bind_ortvalue_input("logits_to_keep", keep)
     for name, value in zip(decoder.past_names, cache, strict=True):
         binding.bind_ortvalue_input(name, value)
     binding.bind_output("logits", "cpu")

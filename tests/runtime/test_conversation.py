@@ -130,6 +130,7 @@ def test_dropping_old_turns_still_reuses_the_system_prompt(model, export):
 
 def test_the_buffer_grows_past_its_first_capacity(model, export, monkeypatch):
     monkeypatch.setattr(kv_state, "CAPACITY_STEP", 16)
+    monkeypatch.setattr(kv_state, "CPU_FIRST_CAPACITY", 16)
     history = [SYSTEM]
     capacities = []
     for question in QUESTIONS:
