@@ -2,10 +2,11 @@
 
 The unit of concurrency is a slot (as in llama.cpp's server): one row of a batched KV cache, holding one
 sequence and the token ids it has cached. A request waits in a bounded queue until a slot is free, is
-prefilled into its slot (one chunk per engine step, so a long prompt never stalls the others for long), then
-joins the batch; it leaves when it stops (eos, a stop string, its token limit) or is cancelled, and its slot
-keeps the cache: a follow-up request of the same conversation goes to the slot holding the longest common
-prefix of its prompt and prefills only the rest. Idle slots are reused least recently used first.
+prefilled into its slot (one chunk of prompt tokens per engine step, shared by short prompts, so a long
+prompt never stalls the others for long), then joins the batch; it leaves when it stops (eos, a stop string,
+its token limit) or is cancelled, and its slot keeps the cache: a follow-up request of the same conversation
+goes to the slot holding the longest common prefix of its prompt and prefills only the rest. Idle slots are
+reused least recently used first.
 
 Rows of the batch are right-padded: GroupQueryAttention reads each row's length from its attention mask,
 writes the new key and value at that position, and rotates by it, so rows of different lengths decode
@@ -240,13 +241,18 @@ class BatchEngine:
         for slot in self.slots:
             if slot.request is not None and slot.request.cancelled:
                 self._finish(slot)
-        prefilling = [s for s in self.slots if s.request is not None and s.pending]
-        if prefilling:  # one chunk of the oldest request per step: the others keep decoding meanwhile
-            slot = min(prefilling, key=lambda s: s.request.submitted)
-            chunk_size = getattr(self.model.decoder, "prefill_chunk", 512)
-            chunk, *rest = prefill_chunks(slot.pending, chunk_size)
+        # Prefill up to one chunk of prompt tokens per step, oldest request first, so that the running ones
+        # keep decoding meanwhile; several short (or mostly cached) prompts share the step's chunk.
+        prefilling = sorted((s for s in self.slots if s.request is not None and s.pending),
+                            key=lambda s: s.request.submitted)  # fmt: skip
+        budget = getattr(self.model.decoder, "prefill_chunk", 512)
+        for slot in prefilling:
+            if budget < 2:
+                break
+            chunk, *rest = prefill_chunks(slot.pending, budget)
             slot.pending = [t for part in rest for t in part]
             logits = slot.state.extend(chunk)
+            budget -= len(chunk)
             if not slot.pending:
                 self._emit(slot, logits)
         decoding = [s for s in self.slots if s.request is not None and s.next_token is not None]
