@@ -43,7 +43,9 @@ def run_bench(
     if "serve" in scenarios:
         from .bench_serve import run_serve_bench
 
-        result["serve"] = run_serve_bench(export_dir, clients=clients, tokens=serve_tokens, threads=threads)
+        result["serve"] = run_serve_bench(
+            export_dir, clients=clients, tokens=serve_tokens, threads=threads, provider=provider
+        )
     return result
 
 

@@ -78,16 +78,17 @@ def stream_chat(port: int, model: str, question: str, max_tokens: int) -> Client
                     pieces.append(content)
         result.text = "".join(pieces)
         conn.close()
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # a broken connection, or an event that is not JSON
         result.error = repr(exc)
     result.total_s = time.perf_counter() - start
     return result
 
 
-def start_server(export_dir: Path, threads: int, clients: int) -> tuple[subprocess.Popen, int]:
+def start_server(export_dir: Path, threads: int, clients: int, provider: str) -> tuple[subprocess.Popen, int]:
     port = free_port()
     command = [sys.executable, "-m", "smolexport.cli", "serve", str(export_dir), "--port", str(port), "--quiet",
-               "--threads", str(threads), "--max-batch", str(clients), "--model-name", "bench"]  # fmt: skip
+               "--threads", str(threads), "--max-batch", str(clients), "--model-name", "bench",
+               "--provider", provider]  # fmt: skip
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -109,9 +110,11 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def run_serve_bench(export_dir: Path, clients: int = 8, tokens: int = 128, threads: int = 2) -> dict:
+def run_serve_bench(
+    export_dir: Path, clients: int = 8, tokens: int = 128, threads: int = 2, provider: str = "cpu"
+) -> dict:
     questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(clients)]
-    server, port = start_server(export_dir, threads, clients)
+    server, port = start_server(export_dir, threads, clients, provider)
     try:
         stream_chat(port, "bench", questions[0], 8)  # warm-up
         alone = [stream_chat(port, "bench", q, tokens) for q in questions]

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from smolexport_runtime import ContextLengthError, Model, SamplingConfig, SmolexportRuntimeError, load
-from smolexport_runtime.batching import BatchEngine, BatchRequest, QueueFullError
+from smolexport_runtime.batching import BatchEngine, BatchRequest, EngineStoppedError, QueueFullError
 
 MAX_BODY_BYTES = 1_000_000  # requests over this get 413
 DRAIN_FACTOR = 8  # a refused body up to 8x the limit is read and dropped, so that its client sees the 413
@@ -264,8 +264,8 @@ class ModelService:
         if len(ids) >= self.context_length:
             raise ApiError(
                 400,
-                f"this model's maximum context length is {self.context_length} tokens, but the prompt is "
-                f"{len(ids)} tokens; shorten it",
+                f"this server's maximum context length is {self.context_length} tokens (prompt and answer), "
+                f"but the prompt is {len(ids)} tokens; shorten it",
                 param="messages" if request.chat else "prompt",
                 code="context_length_exceeded",
             )
@@ -282,6 +282,8 @@ class ModelService:
             submitted = self.engine.submit(ids, sampling, options["max_new_tokens"], request.stop)
         except QueueFullError:
             raise ApiError(503, "the server is busy; retry later", type="server_error", code="server_busy") from None
+        except EngineStoppedError:
+            raise ApiError(503, "the server is shutting down", type="server_error", code="server_busy") from None
         except ContextLengthError as exc:
             raise ApiError(400, str(exc), code="context_length_exceeded") from None
         except (SmolexportRuntimeError, ValueError) as exc:

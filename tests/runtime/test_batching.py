@@ -163,3 +163,18 @@ def test_stopping_the_engine_ends_every_request(export):
             collect(request)
     with pytest.raises(Exception, match="engine is stopped"):
         engine.submit(model.encode(PROMPTS[0]), max_new_tokens=4)
+
+
+def test_bad_requests_fail_the_caller_not_the_engine(engine, export):
+    model = engine.model
+    ids = model.encode(PROMPTS[0])
+    with pytest.raises(ValueError, match="max_new_tokens must be at least 1"):
+        engine.submit(ids, max_new_tokens=0)
+    with pytest.raises(ValueError):
+        engine.submit(ids, SamplingConfig(temperature=0.7, seed=-1), max_new_tokens=4)
+    with pytest.raises(ValueError, match="non-empty"):
+        engine.submit(ids, max_new_tokens=4, stop=[""])
+    # A string is one stop string, not a set of characters; the engine still serves.
+    full = alone(export, PROMPTS[1], max_new_tokens=12)
+    stop = full[3:6]
+    assert collect(engine.submit(model.encode(PROMPTS[1]), max_new_tokens=12, stop=stop)) == full[: full.index(stop)]

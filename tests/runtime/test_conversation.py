@@ -199,6 +199,9 @@ def test_a_prompt_cache_from_another_export_or_damaged_is_refused(model, tmp_pat
     other = load(other_export, providers=["cpu"], verify=False)
     with pytest.raises(PromptCacheError, match="saved for another export"):
         other.default_conversation.load_prefix(path)
+    np.save(tmp_path / "array.npy", np.zeros(3))  # a readable numpy file, not a prompt cache
+    with pytest.raises(PromptCacheError, match="not a readable prompt cache"):
+        model.default_conversation.load_prefix(tmp_path / "array.npy")
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(PromptCacheError, match="not a readable prompt cache"):
         model.default_conversation.load_prefix(path)

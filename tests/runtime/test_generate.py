@@ -150,6 +150,8 @@ def test_prefill_chunks_never_end_in_a_single_token():
         chunks = prefill_chunks(list(range(n)), 128)
         assert [t for c in chunks for t in c] == list(range(n))
         assert all(1 <= len(c) <= 128 for c in chunks)
+        small = prefill_chunks(list(range(n)), 2)
+        assert [t for c in small for t in c] == list(range(n)) and (n == 1 or min(map(len, small)) >= 2)
         assert n == 1 or len(chunks[-1]) > 1
 
 

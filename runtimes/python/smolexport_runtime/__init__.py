@@ -9,7 +9,7 @@ Usage::
         print(piece, end="", flush=True)
 """
 
-from .batching import BatchEngine, BatchRequest, QueueFullError
+from .batching import BatchEngine, BatchRequest, EngineStoppedError, QueueFullError
 from .chat import ChatTemplate
 from .conversation import Conversation, ConversationBusyError, PromptCacheError
 from .errors import ChatTemplateError, ContextLengthError, ManifestError, SmolexportRuntimeError
@@ -25,6 +25,7 @@ __all__ = [
     "BatchEngine",
     "BatchRequest",
     "Conversation",
+    "EngineStoppedError",
     "ConversationBusyError",
     "PromptCacheError",
     "QueueFullError",

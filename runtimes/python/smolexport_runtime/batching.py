@@ -44,6 +44,10 @@ class QueueFullError(SmolexportRuntimeError):
     """The engine's queue is full: retry later."""
 
 
+class EngineStoppedError(SmolexportRuntimeError):
+    """The engine was stopped: it takes no more requests."""
+
+
 @dataclass
 class BatchRequest:
     """A submitted generation. Iterate `pieces()` for its text; `stats` fills in as it runs."""
@@ -60,6 +64,8 @@ class BatchRequest:
     def __post_init__(self) -> None:
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self.stats.prompt_tokens = len(self.prompt_ids)
+        self.sampler: Callable[[np.ndarray], int] | None = None  # set by BatchEngine.submit
+        self.detokenizer: StreamingDetokenizer | None = None
 
     def cancel(self) -> None:
         """Stops the generation at the engine's next step and frees its slot; safe to call at any time."""
@@ -133,7 +139,10 @@ class BatchEngine:
         self.context = min(context or DEFAULT_CONTEXT, limit) if limit else context
         # One position past the context: a filler write at a full row's length still lands inside its row.
         capacity = self.context + 1 if self.context else None
-        batch = decoder.empty_cache(rows, capacity=capacity) if capacity else None
+        shared_cpu = getattr(decoder, "cache_device", None) == "cpu" and getattr(
+            decoder, "shares_buffer", False
+        )
+        batch = decoder.empty_cache(rows, capacity=capacity) if capacity and shared_cpu else None
         self.batched = isinstance(batch, KVBuffers) and batch.arrays is not None
         self.cache = batch if self.batched else None
         self.slots = [
@@ -176,18 +185,24 @@ class BatchEngine:
         prompt_ids: Sequence[int],
         sampling: SamplingConfig | None = None,
         max_new_tokens: int = 256,
-        stop: Sequence[str] = (),
+        stop: str | Sequence[str] = (),
     ) -> BatchRequest:
         """Queues a generation; raises QueueFullError past `max_queue` waiting requests, ContextLengthError
         for a prompt that does not fit (max_new_tokens is clamped to the context)."""
         prompt_ids = list(prompt_ids)
         if not prompt_ids:
             raise ValueError("the prompt is empty: at least one token is needed to start generation")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         max_new_tokens = fit_to_context(len(prompt_ids), max_new_tokens, self.context)
-        request = BatchRequest(prompt_ids, sampling or SamplingConfig(), max_new_tokens, list(stop))
+        stops = [stop] if isinstance(stop, str) else list(stop)
+        request = BatchRequest(prompt_ids, sampling or SamplingConfig(), max_new_tokens, stops)
+        # Built here, so that a bad seed or stop string fails the caller, not the engine's thread.
+        request.sampler = make_sampler(request.sampling)
+        request.detokenizer = StreamingDetokenizer(self.model.tokenizer, stops)
         with self._cond:
             if self._stopping:
-                raise SmolexportRuntimeError("the engine is stopped")
+                raise EngineStoppedError("the engine is stopped")
             if len(self._waiting) >= self.max_queue:
                 raise QueueFullError(f"{len(self._waiting)} requests are waiting already; retry later")
             self._waiting.append(request)
@@ -202,8 +217,9 @@ class BatchEngine:
                 self._cond.wait_for(lambda: self._stopping or self._waiting or self.running, timeout=0.05)
                 if self._stopping:
                     break
-                self._admit()
             try:
+                with self._cond:
+                    self._admit()
                 self._step()
             except Exception as exc:  # a failed forward pass fails the requests in it, not the engine
                 for slot in self.slots:
@@ -228,14 +244,18 @@ class BatchEngine:
             free = [s for s in self.slots if s.request is None]
             # The slot that holds most of this prompt; among equals, the least recently used.
             slot = max(free, key=lambda s: (common_prefix(s.state.tokens, request.prompt_ids), -s.last_used))
-            request.stats.cached_tokens = slot.state.reuse(request.prompt_ids, self.reuse_generated)
-            if not self.batched:
-                slot.state.reserve(len(request.prompt_ids) + request.max_new_tokens)
+            try:
+                request.stats.cached_tokens = slot.state.reuse(request.prompt_ids, self.reuse_generated)
+                if not self.batched:  # e.g. a GPU buffer that cannot be allocated
+                    slot.state.reserve(len(request.prompt_ids) + request.max_new_tokens)
+            except Exception as exc:
+                request._put(SmolexportRuntimeError(f"generation failed: {exc}"))
+                self._close(request)
+                continue
             slot.request = request
             slot.pending = request.prompt_ids[slot.state.length :]
             slot.next_token = None
-            slot.sampler = make_sampler(request.sampling)
-            slot.detokenizer = StreamingDetokenizer(self.model.tokenizer, request.stop)
+            slot.sampler, slot.detokenizer = request.sampler, request.detokenizer
 
     def _step(self) -> None:
         for slot in self.slots:
@@ -249,7 +269,7 @@ class BatchEngine:
         for slot in prefilling:
             if budget < 2:
                 break
-            chunk, *rest = prefill_chunks(slot.pending, budget)
+            chunk, *rest = prefill_chunks(slot.pending, budget)  # never one token unless the prompt is
             slot.pending = [t for part in rest for t in part]
             logits = slot.state.extend(chunk)
             budget -= len(chunk)
@@ -315,5 +335,5 @@ class BatchEngine:
 
     def _close(self, request: BatchRequest) -> None:
         request.stats.total_s = time.perf_counter() - request.submitted
+        request.done.set()  # before the end marker: a reader that saw the end finds the request done
         request._put(_DONE)
-        request.done.set()

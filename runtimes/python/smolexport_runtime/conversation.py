@@ -268,10 +268,13 @@ def _read_prompt_cache(path: Path, key: dict[str, Any]) -> tuple[list[int], list
     try:
         with np.load(path, allow_pickle=False) as data:
             meta = json.loads(bytes(data["meta"]).decode())
-            ids = [int(t) for t in data["tokens"]]
+            tokens = data["tokens"]
+            if not isinstance(meta, dict) or tokens.ndim != 1:
+                raise ValueError("unexpected contents")
+            ids = [int(t) for t in tokens]
             count = sum(1 for name in data.files if name.startswith("kv_"))
             arrays = [data[f"kv_{i}"] for i in range(count)]
-    except (OSError, ValueError, KeyError, EOFError, UnicodeDecodeError, zipfile.BadZipFile) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, EOFError, zipfile.BadZipFile) as exc:
         raise PromptCacheError(f"{path} is not a readable prompt cache file ({exc}); delete it") from None
     if meta.get("format") != PROMPT_CACHE_FORMAT or meta.get("format_version") != PROMPT_CACHE_VERSION:
         raise PromptCacheError(f"{path} is not a prompt cache file this runtime reads; delete it")

@@ -78,13 +78,17 @@ _ONES = np.ones((1, 0), dtype=np.int64)
 
 
 def prefill_chunks(ids: Sequence[int], chunk_size: int) -> list[list[int]]:
-    """`ids` in chunks of at most `chunk_size`, the last never a single token when there are more: quantized
-    kernels compute a one-token call like a decode step, not like the prefill it belongs to (kv_state.py)."""
+    """`ids` in chunks of at most `chunk_size` (one more when chunk_size is 2), never a single token when
+    there are more: quantized kernels compute a one-token call like a decode step, not like a prefill
+    (kv_state.py)."""
     ids = list(ids)
     chunk_size = max(chunk_size, 2)
     chunks = [ids[i : i + chunk_size] for i in range(0, len(ids), chunk_size)]
     if len(chunks) > 1 and len(chunks[-1]) == 1:
-        chunks[-2:] = [chunks[-2][:-1], chunks[-2][-1:] + chunks[-1]]
+        if len(chunks[-2]) > 2:
+            chunks[-2:] = [chunks[-2][:-1], chunks[-2][-1:] + chunks[-1]]
+        else:  # chunks of two: one chunk of three rather than a single token
+            chunks[-2:] = [chunks[-2] + chunks[-1]]
     return chunks
 
 

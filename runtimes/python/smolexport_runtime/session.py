@@ -212,7 +212,10 @@ class OnnxDecoder:
             if self.cache_device == "cpu":
                 # numpy views of onnxruntime's own buffers (the views keep them alive), not OrtValues over
                 # numpy arrays: `.numpy()` of those does not keep the array alive (dangling once freed).
-                return KVBuffers(values, capacity, [v.numpy() for v in values])
+                arrays = [v.numpy() for v in values]
+                if np.shares_memory(arrays[0], values[0].numpy()):  # a view (onnxruntime >= 1.19 or so)
+                    return KVBuffers(values, capacity, arrays)
+                # An onnxruntime whose numpy() copies: no row views (no batched slots), copies to grow.
             return KVBuffers(values, capacity)
         shape = (batch, self.num_kv_heads, 0, self.head_dim)
         return [np.zeros(shape, dtype=self.kv_dtype) for _ in self.past_names]
