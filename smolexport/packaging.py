@@ -1,7 +1,11 @@
 """Export folders: built in a staging folder beside the target, checksummed, then moved into place.
 
 A folder either is complete, with a manifest (`smolexport.json`) holding the sha256 of every file, or does
-not exist: an interrupted export leaves only a hidden staging folder, which is removed on failure.
+not exist: an interrupted export leaves only a hidden staging folder, which is removed on failure. An export
+killed outright (kill -9, a power cut) cannot remove its own: each staging folder has a lock file beside it,
+held (flock) for the export's lifetime and released by the system when the process dies, so a later export
+into the same parent folder removes the staging folders whose lock nobody holds, and says so, and never one
+of an export still running.
 Reading and verifying a manifest is the runtime's job (`smolexport_runtime.manifest`).
 """
 
@@ -19,6 +23,12 @@ from typing import Any
 from smolexport_runtime.manifest import sha256_file
 
 from .errors import SmolexportError
+from .progress import SILENT, Progress
+
+try:  # POSIX: the lock that tells a live export's staging folder from a dead one's
+    import fcntl
+except ImportError:  # Windows: stale staging folders are left for the user to delete
+    fcntl = None
 
 MANIFEST = "smolexport.json"
 
@@ -57,8 +67,39 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     return manifest
 
 
+def _lock_path(staging: Path) -> Path:
+    return staging.with_name(staging.name + ".lock")
+
+
+def _hold_lock(staging: Path):
+    """Opens and locks the staging folder's lock file; the open file keeps the lock until closed or death."""
+    if fcntl is None:
+        return None
+    handle = open(_lock_path(staging), "w")  # noqa: SIM115  # held for the export's lifetime
+    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return handle
+
+
+def remove_stale_staging(parent: Path) -> list[Path]:
+    """Removes the staging folders in `parent` whose export is no longer running (nobody holds their lock)."""
+    if fcntl is None or not parent.is_dir():
+        return []
+    removed = []
+    for lock_path in sorted(parent.glob(".*.partial-*.lock")):
+        staging = lock_path.with_name(lock_path.name[: -len(".lock")])
+        try:
+            with open(lock_path, "a") as handle:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while its export runs
+                shutil.rmtree(staging, ignore_errors=True)
+                lock_path.unlink(missing_ok=True)
+        except OSError:
+            continue
+        removed.append(staging)
+    return removed
+
+
 @contextmanager
-def staged_output(output: Path, force: bool) -> Iterator[Path]:
+def staged_output(output: Path, force: bool, progress: Progress = SILENT) -> Iterator[Path]:
     """Yields an empty staging folder; on success it replaces `output`, on failure it is deleted."""
     output = Path(output).absolute()
     if output.exists() and not force:
@@ -69,7 +110,10 @@ def staged_output(output: Path, force: bool) -> Iterator[Path]:
         # --force replaces an earlier export, never an unrelated folder (`--output ~/models --force`).
         raise SmolexportError(f"{output} is not empty and not a smolexport export; refusing to replace it")
     output.parent.mkdir(parents=True, exist_ok=True)
+    for stale in remove_stale_staging(output.parent):
+        progress.step(f"removed {stale}, the staging folder of an export that is no longer running")
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    lock = _hold_lock(staging)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the export should not be
@@ -85,3 +129,6 @@ def staged_output(output: Path, force: bool) -> Iterator[Path]:
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+        if lock is not None:
+            _lock_path(staging).unlink(missing_ok=True)
+            lock.close()

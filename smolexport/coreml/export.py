@@ -57,7 +57,7 @@ def export_coreml(model: str, output: Path, options: CoreMLExportOptions, progre
     if not 2 < context <= source.config.max_position_embeddings:
         raise UsageError(f"context must be between 3 and the model's {source.config.max_position_embeddings}")
     _check_block_size(source.config, options)
-    with staged_output(Path(output), options.force) as staging:
+    with staged_output(Path(output), options.force, progress) as staging:
         mlmodel = _convert(ct, source, options, progress)
         progress.step("saving the ML Program")
         mlmodel.save(str(staging / PACKAGE))

@@ -137,7 +137,7 @@ def export_onnx(model: str, output: Path, options: OnnxExportOptions, progress: 
     progress.step(f"loading {model}")
     source = open_source(model)
     decoder = options.decoder_options(source.config.max_position_embeddings)
-    with staged_output(Path(output), options.force) as staging:
+    with staged_output(Path(output), options.force, progress) as staging:
         progress.step("writing tokenizer, chat template and generation config")
         source.write_tokenizer(staging)
         calibration_ids = None

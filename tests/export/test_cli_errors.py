@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -122,6 +124,37 @@ def test_failed_export_leaves_nothing_behind(tiny_models, tmp_path, monkeypatch)
     with pytest.raises(RuntimeError):
         export_onnx(str(tiny_models["gqa_tied"][0]), tmp_path / "out", OnnxExportOptions(quant="int4"))
     assert list(tmp_path.iterdir()) == []  # no output and no staging folder
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the staging lock is POSIX flock")
+def test_a_killed_exports_staging_folder_is_removed_by_the_next_one_never_a_running_ones(tiny_models, tmp_path):
+    """kill -9 leaves a staging folder behind; a later export into the same folder removes it and says so,
+    while a staging folder whose export still runs (its lock held) is left alone."""
+    import signal
+    import subprocess
+
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom pathlib import Path\n"
+         "from smolexport.packaging import staged_output\n"
+         "with staged_output(Path(sys.argv[1]), False) as s:\n"
+         "    (s / 'model.onnx').write_bytes(b'half')\n    print(s, flush=True)\n    time.sleep(120)\n",
+         str(tmp_path / "killed")],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    killed = Path(child.stdout.readline().strip())
+    assert killed.is_dir() and killed.name.startswith(".killed.partial-")
+    try:
+        # While that export runs, another export does not touch its staging folder.
+        export_onnx(str(tiny_models["gqa_tied"][0]), tmp_path / "first", OnnxExportOptions(quant="fp32"))
+        assert killed.is_dir()
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert killed.is_dir()  # kill -9: nothing ran to remove it
+    result = run_cli("onnx", "--model", tiny_models["gqa_tied"][0], "--quant", "fp32", "--output", tmp_path / "second")
+    assert result.exit_code == 0, result.output
+    assert not killed.exists() and f"removed {killed}" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["first", "second"]  # no lock files left either
 
 
 @pytest.mark.parametrize("damage", ["missing", "altered"])
