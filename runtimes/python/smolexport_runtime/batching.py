@@ -102,8 +102,6 @@ class Slot:
     next_token: int | None = None  # sampled, to be fed at the next decode step
     last_used: float = 0.0
     first_token_at: float = 0.0
-    sampler: Callable[[np.ndarray], int] | None = None
-    detokenizer: StreamingDetokenizer | None = None
 
 
 class BatchEngine:
@@ -255,7 +253,6 @@ class BatchEngine:
             slot.request = request
             slot.pending = request.prompt_ids[slot.state.length :]
             slot.next_token = None
-            slot.sampler, slot.detokenizer = request.sampler, request.detokenizer
 
     def _step(self) -> None:
         for slot in self.slots:
@@ -303,7 +300,7 @@ class BatchEngine:
     def _emit(self, slot: Slot, logits: np.ndarray) -> None:
         """Samples the slot's next token and hands its text to the client."""
         request, stats = slot.request, slot.request.stats
-        token = slot.sampler(logits)
+        token = request.sampler(logits)
         stats.completion_tokens += 1
         now = time.perf_counter()
         if stats.completion_tokens == 1:
@@ -314,17 +311,17 @@ class BatchEngine:
         slot.next_token = token
         if token in self.eos:
             return self._finish(slot, "stop")
-        piece = slot.detokenizer.add(token)
+        piece = request.detokenizer.add(token)
         if piece:
             request._put(piece)
-        if slot.detokenizer.stopped:
+        if request.detokenizer.stopped:
             return self._finish(slot, "stop")
         if stats.completion_tokens >= request.max_new_tokens:
             return self._finish(slot, "length")
 
     def _finish(self, slot: Slot, reason: str | None = None, error: BaseException | None = None) -> None:
         request = slot.request
-        if error is None and reason is not None and (tail := slot.detokenizer.finish()):
+        if error is None and reason is not None and (tail := request.detokenizer.finish()):
             request._put(tail)
         request.stats.finish_reason = reason
         slot.request, slot.next_token, slot.pending = None, None, []

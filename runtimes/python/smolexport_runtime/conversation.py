@@ -159,9 +159,8 @@ class Conversation:
             raise ValueError("the prompt is empty: nothing to save")
         fit_to_context(len(ids), 1, self.model.context_length)
         with self._claim(fall_back=False) as state:
-            state.reuse(
-                ids
-            )  # keeps what the cache holds of ids, computed as a prefill (see CacheState.reuse)
+            # Keeps what the cache holds of ids, computed as a prefill (see CacheState.reuse).
+            state.reuse(ids)
             state.reserve(len(ids))
             if state.length < len(ids):
                 state.extend(ids[state.length :])
@@ -174,11 +173,7 @@ class Conversation:
         Raises PromptCacheError if the file is damaged or was saved for another export."""
         ids, arrays = _read_prompt_cache(Path(path), self._key())
         fit_to_context(len(ids), 1, self.model.context_length)
-        with self._claim(fall_back=False) as state:
-            state.reset()
-            state.reserve(len(ids))
-            _fill_cache(state, arrays)
-            state.tokens, state.prefilled = list(ids), len(ids)
+        self._install(ids, arrays)
         return len(ids)
 
     def warm_start(self, path: str | Path, prompt: Prompt, *, chat: bool | None = None) -> bool:
@@ -192,14 +187,18 @@ class Conversation:
             except PromptCacheError:
                 saved = None
             if saved == ids:
-                with self._claim(fall_back=False) as state:
-                    state.reset()
-                    state.reserve(len(ids))
-                    _fill_cache(state, arrays)
-                    state.tokens, state.prefilled = list(ids), len(ids)
+                self._install(ids, arrays)
                 return True
         self.save_prefix(path, prompt, chat=chat)
         return False
+
+    def _install(self, ids: list[int], arrays: list[np.ndarray]) -> None:
+        """Replaces the cache with a saved prefix (computed by a prefill when it was saved)."""
+        with self._claim(fall_back=False) as state:
+            state.reset()
+            state.reserve(len(ids))
+            _fill_cache(state, arrays)
+            state.tokens, state.prefilled = list(ids), len(ids)
 
     def _key(self) -> dict[str, Any]:
         manifest = self.model.manifest

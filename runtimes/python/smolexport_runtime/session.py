@@ -67,7 +67,7 @@ def resolve_providers(requested: str | Sequence[str], available: Sequence[str]) 
 class KVBuffers(list):
     """Preallocated cache buffers [batch, kv_heads, capacity, head_dim] (OrtValues), reused by every step.
 
-    On CPU the OrtValues wrap numpy arrays (`arrays`), so the runtime can copy a prefix out (prompt caches),
+    On CPU `arrays` are numpy views of the same memory, so the runtime can copy a prefix out (prompt caches),
     grow a buffer, or hand one row of a batch to a batch-1 call (`rows`) without onnxruntime copying anything.
     The IO binding built for these buffers is kept here too: a decode step rebinds only its small inputs.
     """
@@ -233,7 +233,7 @@ class OnnxDecoder:
                 grown[i] = ort.OrtValue.ortvalue_from_numpy(host, self.cache_device, 0)
         return grown
 
-    def _binding_for(self, past: Sequence[np.ndarray | ort.OrtValue]) -> tuple[ort.IOBinding, bool]:
+    def _binding_for(self, past: Sequence[np.ndarray | ort.OrtValue]) -> ort.IOBinding:
         """The IO binding for this step. A preallocated cache keeps one binding for its lifetime, with the
         cache bound once as both past and present; only input_ids, attention_mask and position_ids (and the
         logits output) are rebound per step. A growing cache needs a new binding each step."""
@@ -244,7 +244,7 @@ class OnnxDecoder:
                     binding.bind_ortvalue_input(name, value)
                     binding.bind_ortvalue_output(out_name, value)  # the same buffer: written in place
                 past.binding = binding
-            return past.binding, True
+            return past.binding
         binding = self.session.io_binding()
         for name, value in zip(self.past_names, past, strict=True):
             if isinstance(value, np.ndarray):
@@ -253,7 +253,7 @@ class OnnxDecoder:
                 binding.bind_ortvalue_input(name, value)
         for name in self.output_names[1:]:
             binding.bind_output(name, self.cache_device)
-        return binding, False
+        return binding
 
     def forward(
         self,
@@ -276,7 +276,7 @@ class OnnxDecoder:
             raise SmolexportRuntimeError(
                 f"the cache was allocated for {past.capacity} tokens; this step needs {needed}"
             )
-        binding, shared = self._binding_for(past)
+        binding = self._binding_for(past)
         binding.bind_cpu_input("input_ids", input_ids)
         binding.bind_cpu_input("attention_mask", attention_mask)
         binding.bind_cpu_input("position_ids", position_ids)
