@@ -46,26 +46,28 @@ def main():
 @click.option("--quant", type=click.Choice(QUANT_MODES), default=None, help="Weights  [default: int4]")
 @click.option(
     "--preset",
-    type=click.Choice(sorted(PRESETS)),
+    type=click.Choice(list(PRESETS)),
     default=None,
-    help="A measured recipe: 'quality' = int4 --algo awq in blocks of 16 with log8 scales, v_proj, the first and "
-    "last layer and the embedding/lm_head rows of the 16,384 lowest token ids at 8 bits; 'quality-plus' = the "
-    "whole embedding/lm_head and the first and last two layers at 8 bits; 'quality-int8' = int8 --algo awq "
-    "(docs/quantization.md). Flags given explicitly override it.",
+    help="A measured recipe  [default: recommended]. 'recommended': int4 --algo awq in blocks of 32 with log8 "
+    "scales, v_proj, the first and last layer and the embedding/lm_head rows of the 16,384 lowest token ids at "
+    "8 bits; int8 --algo awq. 'rtn': the quick export, plain round-to-nearest (seconds, no calibration; less "
+    "faithful). 'quality': int4 in blocks of 16, closer to the original, slower to decode. 'quality-plus': "
+    "also the whole embedding/lm_head and the first and last two layers at 8 bits (docs/quantization.md). "
+    "Flags given explicitly override it.",
 )
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="Export folder to create.")
 @click.option(
     "--block-size",
     type=click.Choice(["16", "32", "64", "128", "256"]),
     default=None,
-    help="Block size of int4/int8 weight quantization  [default: 32, or the preset's]",
+    help="Block size of int4/int8 weight quantization  [default: the preset's, else 32]",
 )
 @click.option(
     "--scales",
     type=click.Choice(list(SCALE_FORMATS)),
     default=None,
     help="Block scales: fp16, or log8 (one byte per block and one fp32 number per row: blocks of 16 for about "
-    "the size of fp16-scaled blocks of 32)  [default: fp16, or the preset's]",
+    "the size of fp16-scaled blocks of 32)  [default: the preset's (recommended int4: log8), else fp16]",
 )
 @click.option(
     "--lm-head-bits",
@@ -84,9 +86,10 @@ def main():
     "--algo",
     type=click.Choice(list(ALGOS)),
     default=None,
-    help="int4/int8 rounding: round-to-nearest (rtn, the default); a per-block clipping search (mse); that search "
-    "weighted by calibration activations (act-mse); act-mse after activation-aware channel scaling folded into the "
-    "norms (awq); or GPTQ error compensation on calibration inputs (gptq).",
+    help="int4/int8 rounding  [default: the preset's]: round-to-nearest (rtn); a per-block clipping search "
+    "(mse); that search weighted by calibration activations (act-mse); act-mse after activation-aware channel "
+    "scaling folded into the norms (awq); GPTQ error compensation on calibration inputs (gptq); or GPTQ after "
+    "awq's scaling (awq-gptq).",
 )
 @click.option(
     "--int8-layers",
@@ -100,7 +103,7 @@ def main():
     default=None,
     metavar="N",
     help="int4 only: keep the embedding/lm_head rows of the first N token ids (a BPE vocabulary's common tokens) "
-    "at 8 bits  [default: 0, or the preset's]",
+    "at 8 bits  [default: the preset's, else 0]",
 )
 @click.option(
     "--kv-cache",
@@ -172,7 +175,8 @@ def onnx_command(
     )
     manifest = export_onnx(model, output, options, Progress(enabled=not quiet))
     size = sum(f["bytes"] for f in manifest["files"].values())
-    mode = manifest["quant"]["mode"] + (f", preset {preset}" if preset else "")
+    quant = manifest["quant"]
+    mode = quant["mode"] + (f", preset {quant['preset']}" if quant.get("preset") else "")
     click.echo(f"exported {model} ({mode}) to {output}: {size / 1e6:.1f} MB in {manifest['export_seconds']} s")
 
 

@@ -212,7 +212,29 @@ class Torch:
             return self.model(self.torch.tensor([ids])).logits[0].float().numpy()
 
 
-BACKENDS = {"llamacpp": LlamaCpp, "genai": Genai, "optimum": Optimum, "torch": Torch}
+class Ours:
+    """smolexport's runtime (pure Python over onnxruntime: it runs in this venv from the source tree), driven
+    as `smolexport bench` drives it: prefill into a cache sized for prompt + answer, then one token a step."""
+
+    def __init__(self, model: str, context: int = 2048):
+        sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "runtimes" / "python"))
+        from smolexport_runtime import load
+        from smolexport_runtime.generate import decode_one_token, prefill
+
+        self.decoder = load(model, providers="cpu", threads=THREADS, verify=False).decoder
+        self._prefill, self._decode = prefill, decode_one_token
+        self.context = context
+
+    def prefill(self, ids):
+        logits, self.cache, self.length = self._prefill(self.decoder, ids, capacity=min(self.context, len(ids) + 256))
+        return int(np.argmax(logits))
+
+    def step(self, token):
+        logits, self.cache, self.length = self._decode(self.decoder, token, self.cache, self.length)
+        return int(np.argmax(logits))
+
+
+BACKENDS = {"llamacpp": LlamaCpp, "genai": Genai, "optimum": Optimum, "torch": Torch, "ours": Ours}
 
 
 # --- commands ------------------------------------------------------------------------------------------
@@ -274,6 +296,32 @@ def cmd_speed(backend: str, model: str, workload_file: str, out: str) -> None:
     }
     Path(out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
+
+
+def cmd_interleaved(workload_file: str, out: str, *models: str) -> None:
+    """Decode speed of several models loaded in one process, measured in alternation: each round runs every
+    model once (prefill the chat prompt, decode `decode_tokens` greedily), so that a slow spell of a shared
+    machine hits every model alike. models: BACKEND=PATH. Writes each model's tokens/s per round."""
+    w = json.loads(Path(workload_file).read_text())
+    runners = {}
+    for spec in models:
+        backend, path = spec.split("=", 1)
+        runners[spec] = BACKENDS[backend](path, context=w["context"])
+
+    def burst(runner) -> float:
+        token = runner.prefill(w["chat_ids"])
+        start = time.perf_counter()
+        for _ in range(w["decode_tokens"]):
+            token = runner.step(token)
+        return w["decode_tokens"] / (time.perf_counter() - start)
+
+    for runner in runners.values():  # warm-up
+        burst(runner)
+    rounds = {spec: [] for spec in runners}
+    for _ in range(w["rounds"]):
+        for spec, runner in runners.items():
+            rounds[spec].append(burst(runner))
+    Path(out).write_text(json.dumps({"threads": THREADS, "rounds": rounds}, indent=1) + "\n")
 
 
 # --- conversations (benchmarks/conversation.py) ------------------------------------------------------------
@@ -391,7 +439,14 @@ def cmd_quantize(src: str, dst: str, kind: str) -> None:
 
 def main(argv: list[str]) -> None:
     command, *args = argv
-    commands = {"logits": cmd_logits, "speed": cmd_speed, "quantize": cmd_quantize, "chat": cmd_chat, "cold": cmd_cold}
+    commands = {
+        "logits": cmd_logits,
+        "speed": cmd_speed,
+        "quantize": cmd_quantize,
+        "chat": cmd_chat,
+        "cold": cmd_cold,
+        "interleaved": cmd_interleaved,
+    }
     commands[command](*args)
 
 

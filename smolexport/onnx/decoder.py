@@ -52,12 +52,27 @@ class DecoderOptions:
     @property
     def calibrated(self) -> bool:
         """Whether the weights' quantization uses the calibration text."""
-        return self.weight_bits is not None and self.algo in ("act-mse", "gptq", "awq")
+        return self.weight_bits is not None and self.algo in ("act-mse", "gptq", "awq", "awq-gptq")
 
     @property
     def needs_calibration(self) -> bool:
         """Whether the export runs the calibration text: for the weights, or for the int8 cache's scales."""
         return self.calibrated or self.cache_dtype == "int8"
+
+    def describe(self) -> str:
+        """One line a person reads in the manifest and validate's report, e.g. 'int4 awq, blocks of 32, log8
+        scales; 8-bit: *.v_proj, layers.0.*, layers.-1.*, vocabulary rows < 16384; accuracy level 4'."""
+        if self.weight_bits is None:
+            return f"{self.activation_dtype} weights"
+        parts = [f"int{self.weight_bits} {self.algo}, blocks of {self.block_size}, "
+                 f"{'log8' if self.log8_scales else 'fp16'} scales"]  # fmt: skip
+        wider = [*self.int8_layers, *([f"vocabulary rows < {self.int8_vocab}"] if self.int8_vocab else [])]
+        if self.lm_head_bits and self.lm_head_bits != self.weight_bits:
+            wider.append(f"embedding/lm_head at {self.lm_head_bits} bits")
+        if wider:
+            parts.append("8-bit: " + ", ".join(wider))
+        parts.append(f"accuracy level {self.accuracy_level}")
+        return "; ".join(parts)
 
 
 def kv_names(i: int) -> dict[str, str]:
@@ -86,9 +101,13 @@ class DecoderBuilder:
             return 8, int8_block_size(k)
         return bits, self.o.block_size
 
-    def _bits(self, name: str, bits: int | None, k: int) -> tuple[int | None, int]:
-        """`_stored_as`, recording the matrices raised to 8 bits (for the manifest)."""
-        bits_stored, block_size = self._stored_as(name, bits, k)
+    def _bits(self, name: str, bits: int | None, k: int, int8: bool | None = None) -> tuple[int | None, int]:
+        """`_stored_as`, recording the matrices raised to 8 bits (for the manifest). `int8`: decided by the
+        caller (packed_linear's groups), instead of from the name."""
+        if int8 is None:
+            bits_stored, block_size = self._stored_as(name, bits, k)
+        else:
+            bits_stored, block_size = (8, int8_block_size(k)) if bits == 4 and int8 else (bits, self.o.block_size)
         if bits_stored != bits:
             self.int8_matrices[name] = block_size
         return bits_stored, block_size
@@ -102,11 +121,12 @@ class DecoderBuilder:
         bias: np.ndarray | None,
         bits: int | None,
         calib: LayerInput | None = None,
+        int8: bool | None = None,
     ) -> str:
         """y = x @ weight.T (+ bias), weight [out, in] as stored in the checkpoint. `calib`: the layer's
         calibration inputs, for algos act-mse and gptq."""
         n, k = weight.shape
-        bits, block_size = self._bits(name, bits, k)
+        bits, block_size = self._bits(name, bits, k, int8)
         if bits is None:
             w = self.g.initializer(f"{name}.weight", weight.T.astype(self.np_dtype))
             y = self.g.node("MatMul", [x, w], name)
@@ -129,15 +149,30 @@ class DecoderBuilder:
 
     def packed_linear(self, x: str, name: str, parts: list, calib: LayerInput | None = None) -> str:
         """Several linear layers on the same input, [(name, weight, bias)], as one matrix `name` whose output
-        is their outputs concatenated; as separate ones, concatenated, when mixed precision gives them
-        different bit widths (a MatMulNBits node has one)."""
+        is their outputs concatenated. When mixed precision gives them different bit widths (a MatMulNBits
+        node has one), each run of neighbours with the same width stays one matrix (v_proj at 8 bits: q+k and
+        v, two nodes instead of three; every node costs time per decoded token), and their outputs are
+        concatenated."""
         bits = self.o.weight_bits
-        if bits == 4 and len({self._wants_int8(part[0]) for part in parts}) > 1:
-            outputs = [self.linear(x, part, weight, bias, bits, calib) for part, weight, bias in parts]
-            return self.g.node("Concat", outputs, f"{name}/concat", axis=-1)
+        wide = [self._wants_int8(part[0]) for part in parts]
+        if bits != 4 or len(set(wide)) == 1:
+            return self._packed(x, name, parts, bits, calib)
+        outputs, start = [], 0
+        for end in range(1, len(parts) + 1):
+            if end == len(parts) or wide[end] != wide[start]:
+                group = parts[start:end]
+                group_name = group[0][0] if len(group) == 1 else f"{name}.{start}-{end - 1}"
+                outputs.append(self._packed(x, group_name, group, bits, calib, int8=wide[start]))
+                start = end
+        return self.g.node("Concat", outputs, f"{name}/concat", axis=-1)
+
+    def _packed(self, x: str, name: str, parts: list, bits, calib, int8: bool | None = None) -> str:
+        if len(parts) == 1:
+            part, weight, bias = parts[0]
+            return self.linear(x, part, weight, bias, bits, calib, int8)
         biases = [bias for _, _, bias in parts]
         bias = None if biases[0] is None else np.concatenate(biases)
-        return self.linear(x, name, np.concatenate([weight for _, weight, _ in parts]), bias, bits, calib)
+        return self.linear(x, name, np.concatenate([w for _, w, _ in parts]), bias, bits, calib, int8)
 
     def awq_scale(self, i: int, attn: dict, mlp: dict, input_norm, post_norm, inputs: dict):
         """Folds activation-aware channel scales into layer i's float weights (see awq.py), searched for the
@@ -200,7 +235,7 @@ class DecoderBuilder:
         back to mse. The lm_head (tied or not) is always quantized by GPTQ when calibrated, on its inputs (the
         final-normed hidden states): on the dev set that cut the int4 lm_head's KL to about half of the
         activation-weighted clipping search's (benchmarks/sensitivity.py --dev, docs/quantization.md)."""
-        if calib is not None and (self.o.algo == "gptq" or name in ("embed_tokens", "lm_head")):
+        if calib is not None and (self.o.algo in ("gptq", "awq-gptq") or name in ("embed_tokens", "lm_head")):
             return gptq_quantize(weight, calib.hessian(), bits, block_size, np.float16, self.o.log8_scales)
         algo = "rtn" if self.o.algo == "rtn" else "mse"  # act-mse is mse weighted by calibration activations
         # awq: the act-mse search on weights already rescaled by awq.scale_layer
@@ -326,6 +361,8 @@ def build_decoder(
     calibration_ids: list[int] | None = None,
 ) -> dict:
     """Adds the whole decoder to `g`. `get_weight(hf_name)` returns a float32 array or None if absent.
+    `on_layer(i)` is called as layer i is done, and with i = num_hidden_layers once the lm_head is (with
+    calibration, GPTQ on the lm_head takes a few layers' time).
     `calibration_ids` (token ids of a calibration text) are needed for algos act-mse, awq and gptq and for an
     int8 KV cache.
     Returns what mixed precision did: {"int8_matrices": {graph name: block size}}."""
@@ -378,6 +415,7 @@ def build_decoder(
         lm_head = VocabMatrix(b, "lm_head", lm_head_weight, b.lm_head_bits)
         logits = lm_head.project(x)
         lm_head.write(final_norm)
+    on_layer(c.num_hidden_layers)
     if b.np_dtype != np.float32:
         logits = g.node("Cast", [logits], "logits/f32", to=TensorProto.FLOAT)
     g.node_to("Identity", [logits], ["logits"])
@@ -422,7 +460,7 @@ def _calibrate(b: DecoderBuilder, calibration, i: int, attn: dict, mlp: dict, in
     if calibration is None:
         return {}, input_norm, post_norm
     inputs = calibration.layer(attn, mlp, input_norm, post_norm)
-    if b.o.calibrated and b.o.algo == "awq":
+    if b.o.calibrated and b.o.algo in ("awq", "awq-gptq"):
         input_norm, post_norm = b.awq_scale(i, attn, mlp, input_norm, post_norm, inputs)
     found = inputs if b.o.calibrated else {}
     if b.o.cache_dtype == "int8":

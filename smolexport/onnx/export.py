@@ -23,10 +23,10 @@ from .genai_config import FILE as GENAI_CONFIG
 from .genai_config import write_genai_config
 from .graph import CACHE_TYPES, GraphBuilder
 from .mixed import parse_patterns
-from .presets import PRESETS, preset
+from .presets import DEFAULT, preset_quant, recipe
 
 QUANT_MODES = ("int4", "int8", "fp16", "fp32")
-ALGOS = ("rtn", "mse", "act-mse", "awq", "gptq")
+ALGOS = ("rtn", "mse", "act-mse", "awq", "gptq", "awq-gptq")
 SCALE_FORMATS = ("fp16", "log8")
 MODEL_FILE = "model.onnx"
 
@@ -67,22 +67,34 @@ class OnnxExportOptions:
     preset: str | None = None  # a named recipe (presets.py) filling the options left None
     force: bool = False
 
+    @property
+    def quant_mode(self) -> str:
+        """The weight type: as given, else the preset's (quality: int4), else int4."""
+        return self.quant or preset_quant(self.preset) or "int4"
+
+    @property
+    def preset_name(self) -> str | None:
+        """The recipe used: as given, else `recommended` for int4/int8; None for float exports."""
+        quantized = self.quant_mode in ("int4", "int8")
+        if self.preset and (quantized or self.preset != "rtn"):
+            return self.preset  # a float export with a recipe other than rtn: decoder_options says why not
+        return DEFAULT if quantized else None
+
     def resolved(self, name: str, default=None):
         """An option's value: as given, else the preset's, else `default`."""
         value = getattr(self, name)
-        if value is None and self.preset:
-            value = preset(self.preset).get(name)
+        if value is None and self.preset_name:
+            value = recipe(self.preset_name, self.quant_mode).get(name)
         return default if value is None else value
 
     def decoder_options(self, max_positions: int) -> DecoderOptions:
-        if self.preset and self.quant and self.quant != preset(self.preset)["quant"]:
-            fitting = [name for name, recipe in PRESETS.items() if recipe["quant"] == self.quant]
-            hint = f": for {self.quant}, use --preset {' or '.join(fitting)}" if fitting else ""
-            raise UsageError(f"preset {self.preset} is an {preset(self.preset)['quant']} recipe{hint}")
-        quant, algo = self.resolved("quant", "int4"), self.resolved("algo", "rtn")
-        int8_layers = parse_patterns(self.resolved("int8_layers"))
+        quant = self.quant_mode
         if quant not in QUANT_MODES:
             raise UsageError(f"unknown quant {quant!r}: choose one of {', '.join(QUANT_MODES)}")
+        if self.preset_name:
+            recipe(self.preset_name, quant)  # a preset that does not fit the weight type says why
+        algo = self.resolved("algo", "rtn")
+        int8_layers = parse_patterns(self.resolved("int8_layers"))
         bits = {"int4": 4, "int8": 8}.get(quant)
         if int8_layers and bits != 4:
             raise UsageError("--int8-layers applies to --quant int4 only")
@@ -161,12 +173,14 @@ def _write_model(folder: Path, source: ModelSource, decoder: DecoderOptions, pro
     graph = GraphBuilder(folder / MODEL_FILE)
     try:
         progress.step(f"building the decoder ({config.num_hidden_layers} layers)")
+        steps = config.num_hidden_layers + 1  # the layers, then the lm_head
+        progress.count("layers + lm_head", 0, steps)
         built = build_decoder(
             graph,
             config,
             decoder,
             source.get_weight,
-            on_layer=lambda i: progress.count("layers", i + 1, config.num_hidden_layers),
+            on_layer=lambda i: progress.count("layers + lm_head", i + 1, steps),
             calibration_ids=calibration_ids,
         )
         graph.save(metadata={"smolexport_version": __version__})
@@ -195,8 +209,9 @@ def _manifest(
         "format_version": 1,
         "source": source.describe(),
         "quant": {
-            "mode": options.resolved("quant", "int4"),
-            "preset": options.preset,
+            "mode": options.quant_mode,
+            "preset": options.preset_name,
+            "recipe": decoder.describe(),
             "algo": decoder.algo if decoder.weight_bits else None,
             "calibration": (
                 {"text": str(options.calibration_file or "built-in"), "max_tokens": DEFAULT_TOKENS}

@@ -13,6 +13,7 @@ Works on one matrix at a time: memory is one [K, K] float64 Hessian plus a float
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from .quantize import SHRINK_GRID, BlockQuantized, pack_blocks, row_scales, search_grid
 
@@ -54,34 +55,38 @@ def gptq_quantize(
     importance = np.diag(h).astype(np.float32)
 
     qmax = (1 << bits) - 1
-    q = np.empty((n, padded_k), np.uint8)
     scales = np.empty((n, n_blocks), scale_dtype)
     zero_points = np.empty((n, n_blocks), np.uint8)
     rows = row_scales(w.reshape(n, n_blocks, block_size), bits) if log8_scales else None
     codes = np.empty((n, n_blocks), np.uint8) if log8_scales else None
     lazy = max(LAZY_COLUMNS, block_size)
+    # Torch, on W transposed [K, N]: a column of W is then a contiguous row, and each step's update of the
+    # columns to its right touches contiguous memory (3x faster on the 1.7B lm_head than strided columns).
+    wt, ut = torch.from_numpy(np.ascontiguousarray(w.T)), torch.from_numpy(u)
+    qt = torch.empty((padded_k, n), dtype=torch.uint8)
     for start in range(0, padded_k, lazy):
         end = min(start + lazy, padded_k)
-        w1 = w[:, start:end].copy()
-        errors = np.zeros_like(w1)
-        u1 = u[start:end, start:end]
+        w1 = wt[start:end].clone()
+        errors = torch.zeros_like(w1)
+        u1 = ut[start:end, start:end]
         for i in range(end - start):
             col = start + i
             if col % block_size == 0:
                 b = col // block_size
-                block = w1[:, i : i + block_size][:, None, :]
+                block = w1[i : i + block_size].T.contiguous().numpy()[:, None, :]
                 weights = importance[col : col + block_size].reshape(1, 1, -1)
                 _, s, z, c = search_grid(block, qmax, scale_dtype, SHRINK_GRID, weights, rows)
                 scales[:, b], zero_points[:, b] = s[:, 0], z[:, 0]
                 if codes is not None:
                     codes[:, b] = c[:, 0]
-                step = np.where(s[:, 0] == 0, 1.0, s[:, 0].astype(np.float32))
-                zero = z[:, 0].astype(np.float32)
-            column = w1[:, i]
-            qc = np.clip(np.round(column / step) + zero, 0, qmax)
-            q[:, col] = qc
+                step = torch.from_numpy(np.where(s[:, 0] == 0, 1.0, s[:, 0].astype(np.float32)).astype(np.float32))
+                zero = torch.from_numpy(z[:, 0].astype(np.float32))
+            column = w1[i]
+            qc = torch.clamp(torch.round(column / step) + zero, 0, qmax)
+            qt[col] = qc.to(torch.uint8)
             err = (column - (qc - zero) * step) / u1[i, i]
-            w1[:, i:] -= err[:, None] * u1[i, i:][None, :]
-            errors[:, i] = err
-        w[:, end:] -= errors @ u[start:end, end:]
+            w1[i:].sub_(u1[i, i:, None] * err[None, :])
+            errors[i] = err
+        wt[end:].sub_(ut[start:end, end:].T @ errors)
+    q = qt.T.contiguous().numpy()
     return pack_blocks(q.reshape(n, n_blocks, block_size), scales, zero_points, bits, block_size, k, codes, rows)

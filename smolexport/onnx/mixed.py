@@ -8,8 +8,10 @@ one recipe fits models of any depth. The fused graph packs q/k/v and gate/up int
 per node): a packed matrix gets 8 bits when any of its parts matches.
 
 8-bit matrices use wide blocks (`int8_block_size`): at 8 bits a block's range costs little precision, and the
-fp16 scales and zero points of 32-wide blocks would add ~9% to the matrix. The widest of 128/64/32 that
-divides the input width is taken, so that no padding is stored (576 = 9 x 64 for SmolLM2-135M).
+fp16 scales and zero points of 32-wide blocks would add ~9% to the matrix. The wider of 64/32 that divides the
+input width is taken, so that no padding is stored (576 = 9 x 64 for SmolLM2-135M). Not 128: ONNX Runtime
+1.32's 8-bit CPU kernel at accuracy level 4 computes a row differently (by ~3e-5) depending on how many rows
+come with it in blocks of 128, which breaks the runtime's bit-identical reuse of a conversation's cache.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from fnmatch import fnmatchcase
 
 from ..errors import UsageError
 
-INT8_BLOCK_SIZES = (128, 64, 32)
+INT8_BLOCK_SIZES = (64, 32)
 PACKED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 KNOWN = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CANDIDATES = ("embed_tokens", "lm_head", *(f"layers.{i}.{name}" for i in range(-1000, 1000) for name in KNOWN))

@@ -37,6 +37,9 @@ class ValidationReport:
     seconds: float
     latency: dict[str, Any] = field(default_factory=dict)
     baseline: dict[str, Any] | None = None  # a comparison with a stored report (see baseline.py), when asked
+    # The export's quantization recipe as its manifest names it: {"preset": ..., "recipe": ...} (empty for
+    # Core ML exports and folders exported before recipes were recorded).
+    recipe: dict[str, Any] = field(default_factory=dict)
     passed: bool = field(init=False)
 
     def __post_init__(self):
@@ -48,6 +51,7 @@ class ValidationReport:
             "export": self.export,
             "reference": self.reference,
             "quant": self.quant,
+            "recipe": self.recipe,
             "overall": self.overall,
             "checks": self.checks,
             "prompts": self.prompts,
@@ -63,7 +67,7 @@ class ValidationReport:
     def summary(self) -> str:
         o = self.overall
         lines = [
-            f"export {self.export} ({self.quant}) vs {self.reference}",
+            f"export {self.export} ({self.quant}{_recipe_note(self.recipe)}) vs {self.reference}",
             f"  prompts: {len(self.prompts)}, greedy identical: {o['greedy_identical_fraction']:.0%}, "
             f"tokens compared: {o['positions']}",
             *(
@@ -98,7 +102,8 @@ class ValidationReport:
         lines = [
             f"## smolexport validation: {'passed' if self.passed else 'FAILED'}",
             "",
-            f"Export `{self.export}` ({self.quant}) against `{self.reference}`, {len(self.prompts)} prompts, "
+            f"Export `{self.export}` ({self.quant}{_recipe_note(self.recipe)}) against `{self.reference}`, "
+            f"{len(self.prompts)} prompts, "
             f"{o['positions']} tokens compared, {self.seconds:.0f} s.",
             "",
             "| check | value | bound | result |",
@@ -151,6 +156,13 @@ class ValidationReport:
         Path(path).write_text(self.to_markdown())
 
 
+def _recipe_note(recipe: dict[str, Any]) -> str:
+    if not recipe.get("recipe"):
+        return ""
+    preset = f"preset {recipe['preset']}: " if recipe.get("preset") else ""
+    return f", {preset}{recipe['recipe']}"
+
+
 def _md_cell(text: str, limit: int) -> str:
     text = " ".join(str(text).split())
     if len(text) > limit:
@@ -194,7 +206,7 @@ def validate_export(
     _warm_up(export.decoder)
     prompt_results, comparisons = [], []
     for n, prompt in enumerate(prompts, 1):
-        progress.count("prompts", n, len(prompts))
+        progress.count("prompts", n - 1, len(prompts))
         prompt_ids = export.encode(prompt, chat=True)
         room = manifest.model.context_length - len(prompt_ids)
         if room < 1:
@@ -215,6 +227,7 @@ def validate_export(
             }
         )
 
+    progress.count("prompts", len(prompts), len(prompts))
     progress.step("scoring the text")
     text_ids = export.encode(text, chat=False)
     if len(text_ids) < 2:
@@ -240,6 +253,7 @@ def validate_export(
         export=str(export_dir),
         reference=reference,
         quant=quant,
+        recipe={key: manifest.quant[key] for key in ("preset", "recipe") if manifest.quant.get(key)},
         prompts=prompt_results,
         text=text_result,
         overall=overall,

@@ -1,4 +1,4 @@
-"""The layer-by-layer numpy forward used for calibration follows transformers' hidden states."""
+"""The layer-by-layer forward used for calibration follows transformers' hidden states."""
 
 from __future__ import annotations
 
@@ -24,15 +24,20 @@ def test_calibration_hidden_states_match_transformers(tiny_models):
         with torch.no_grad():
             hidden = model(torch.tensor([ids]), output_hidden_states=True).hidden_states
         for i in range(model.config.num_hidden_layers):
+            before = calibration.hidden
             power = calibration.layer(*_layer_weights(state.get, i))
             if i < model.config.num_hidden_layers - 1:  # the last entry of hidden_states is after the final norm
-                np.testing.assert_allclose(calibration.hidden, hidden[i + 1][0].numpy(), atol=1e-4, rtol=1e-4)
+                # the products run in bfloat16 (relative rounding 2**-9): the layer's own update to the
+                # residual stream agrees to well under a percent; a wrong op would be off by ~100%
+                update, expected = calibration.hidden - before, (hidden[i + 1] - hidden[i])[0].numpy()
+                assert np.linalg.norm(update - expected) < 0.01 * np.linalg.norm(expected)
             assert set(power) == {"qkv", "o", "gate_up", "down"}
             down = power["down"].power
             assert down.shape == (model.config.intermediate_size,) and np.all(down >= 0)
             np.testing.assert_allclose(np.diag(power["down"].hessian()), down, rtol=1e-4)
         final = calibration.final(state["model.norm.weight"]).x  # the lm_head's inputs
-        np.testing.assert_allclose(final, hidden[-1][0].numpy(), atol=1e-4, rtol=1e-4)
+        expected = hidden[-1][0].numpy()
+        assert np.linalg.norm(final - expected) < 0.01 * np.linalg.norm(expected)
 
 
 def test_act_mse_export_records_its_calibration(tiny_models, tmp_path):
@@ -54,8 +59,8 @@ def test_awq_scaling_keeps_the_float_layer_and_lowers_its_int4_error(tiny_models
     c = LlamaConfig.from_dict(model.config.to_dict())
     state = {k: v.float().numpy() for k, v in model.state_dict().items()}
     ids = list(np.random.default_rng(1).integers(3, c.vocab_size, 64))
-    plain = Calibration(c, state["model.embed_tokens.weight"], ids)
-    scaled = Calibration(c, state["model.embed_tokens.weight"], ids)
+    plain = Calibration(c, state["model.embed_tokens.weight"], ids, exact=True)  # float32: an exact identity
+    scaled = Calibration(c, state["model.embed_tokens.weight"], ids, exact=True)
     rescaled = 0
     for i in range(c.num_hidden_layers):
         attn, mlp, input_norm, post_norm = _layer_weights(state.get, i)

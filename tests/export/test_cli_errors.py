@@ -98,7 +98,7 @@ def test_block_size_and_scale_flags_reach_the_export(tiny_models, tmp_path):
 
 
 def test_int8_vocab_flag_reaches_the_export_and_is_int4_only(tiny_models, tmp_path):
-    args = ["onnx", "--model", tiny_models["gqa_tied"][0], "--int8-vocab", "100", "-q"]
+    args = ["onnx", "--model", tiny_models["gqa_tied"][0], "--preset", "rtn", "--int8-vocab", "100", "-q"]
     result = run_cli(*args, "--output", tmp_path / "out")
     assert result.exit_code == 0, result.output
     quant = json.loads((tmp_path / "out" / "smolexport.json").read_text())["quant"]

@@ -67,12 +67,12 @@ def test_prefill_and_cached_decode_match_pytorch(tiny_models, tmp_path, which, q
     quant, _, kv = quant.partition(" kv-")  # "int4 kv-fp16": int4 weights, fp32 activations, an fp16 cache
     if kv and graph == "standard":  # an fp16 cache under fp32 activations is a fused-graph option
         with pytest.raises(UsageError, match="needs the fused graph"):
-            export_onnx(str(folder), out, OnnxExportOptions(quant=quant, fused=False, kv_cache=kv))
+            export_onnx(str(folder), out, OnnxExportOptions(quant=quant, preset="rtn", fused=False, kv_cache=kv))
         assert not out.exists()
         return
     # accuracy_level 0: the kernels compute with exactly the dequantized weights (4 is checked below)
     options = OnnxExportOptions(
-        quant=quant, block_size=32, fused=graph == "fused", accuracy_level=0, kv_cache=kv or None
+        quant=quant, preset="rtn", block_size=32, fused=graph == "fused", accuracy_level=0, kv_cache=kv or None
     )
     manifest = export_onnx(str(folder), out, options)
     assert manifest["kv_cache"]["dtype"] == ("float16" if "fp16" in (quant, kv) else "float32")
@@ -131,7 +131,7 @@ def test_tied_weight_is_stored_once(tiny_models, tmp_path):
 
     folder, model = tiny_models["gqa_tied"]
     for quant in ("fp32", "int4"):
-        export_onnx(str(folder), tmp_path / quant, OnnxExportOptions(quant=quant))
+        export_onnx(str(folder), tmp_path / quant, OnnxExportOptions(quant=quant, preset="rtn"))
         graph = onnx.load(str(tmp_path / quant / "model.onnx"), load_external_data=False).graph
         vocab_sized = [t.name for t in graph.initializer if t.dims and t.dims[0] == model.config.vocab_size]
         # fp32: one [V, H] table; int4: its packed data, scales and zero points, read by the lm_head's MatMulNBits
@@ -149,7 +149,7 @@ def test_int4_lookup_of_a_padded_block_matches_pytorch(tiny_models, tmp_path):
     unpacks and trims as MatMulNBits does."""
     folder, model = tiny_models["mha_untied"]  # untied: the lookup's table is not also the lm_head
     manifest = export_onnx(
-        str(folder), tmp_path / "e", OnnxExportOptions(quant="int4", block_size=128, accuracy_level=0)
+        str(folder), tmp_path / "e", OnnxExportOptions(quant="int4", preset="rtn", block_size=128, accuracy_level=0)
     )
     ids, mask, positions = prompt_batch(model.config.vocab_size, padded=False)
     out = run_onnx(tmp_path / "e", manifest, {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
@@ -160,7 +160,9 @@ def test_int4_lookup_of_a_padded_block_matches_pytorch(tiny_models, tmp_path):
 
 def test_mse_algo_export_computes_with_its_own_grid(tiny_models, tmp_path):
     folder, model = tiny_models["gqa_tied"]
-    export_onnx(str(folder), tmp_path / "e", OnnxExportOptions(quant="int4", algo="mse", accuracy_level=0))
+    export_onnx(
+        str(folder), tmp_path / "e", OnnxExportOptions(quant="int4", preset="rtn", algo="mse", accuracy_level=0)
+    )
     manifest = json.loads((tmp_path / "e" / "smolexport.json").read_text())
     assert manifest["quant"]["algo"] == "mse"
     ids, mask, positions = prompt_batch(model.config.vocab_size, padded=False)
@@ -176,7 +178,7 @@ def test_log8_scales_export_computes_with_its_decoded_scales(tiny_models, tmp_pa
     """Blocks of 16 with 8-bit log-coded scales: the graph decodes the codes into exactly the scales the
     quantizer rounded with, and stores no fp16 block scales."""
     folder, model = tiny_models[which]
-    options = OnnxExportOptions(quant="int4", algo="mse", block_size=16, scales="log8", accuracy_level=0,
+    options = OnnxExportOptions(quant="int4", preset="rtn", algo="mse", block_size=16, scales="log8", accuracy_level=0,
                                 fused=graph == "fused")  # fmt: skip
     manifest = export_onnx(str(folder), tmp_path / "e", options)
     assert manifest["quant"]["scales"] == "log8" and manifest["quant"]["block_size"] == 16
@@ -197,7 +199,7 @@ def test_accuracy_level_4_stays_close_to_exact_weights(tiny_models, tmp_path, qu
     """The default accuracy_level 4 quantizes activations to int8 inside MatMulNBits: close to, not equal to,
     the exact computation with the dequantized weights."""
     folder, model = tiny_models["gqa_tied"]
-    manifest = export_onnx(str(folder), tmp_path / "e", OnnxExportOptions(quant=quant))
+    manifest = export_onnx(str(folder), tmp_path / "e", OnnxExportOptions(quant=quant, preset="rtn"))
     assert manifest["quant"]["accuracy_level"] == 4
     ids, mask, positions = prompt_batch(model.config.vocab_size, padded=False)
     out = run_onnx(tmp_path / "e", manifest, {"input_ids": ids, "attention_mask": mask, "position_ids": positions,

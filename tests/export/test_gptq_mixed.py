@@ -67,7 +67,7 @@ def test_int8_patterns_name_matrices_as_the_checkpoint_does():
 
 def reference_model(model, calibration_ids, int8, embed_bits: int, int8_vocab: int = 0):
     """The torch model with what the export computes with: GPTQ int4 weights, 8 bits (the widest block of
-    128/64 dividing the input width) where int8(layer, key) is true, and for the embedding/lm_head when
+    64/32 dividing the input width) where int8(layer, key) is true, and for the embedding/lm_head when
     embed_bits is 8, or for their first `int8_vocab` rows."""
     state = {k: v.float().numpy() for k, v in model.state_dict().items()}
     config = LlamaConfig.from_dict(model.config.to_dict())
@@ -79,7 +79,7 @@ def reference_model(model, calibration_ids, int8, embed_bits: int, int8_vocab: i
             inputs = calibration.layer(*_layer_weights(state.get, i))
             for key, path in PATHS.items():
                 weight = state[f"model.layers.{i}.{path}.weight"]
-                bits, block = (8, 128 if weight.shape[1] % 128 == 0 else 64) if int8(i, key) else (4, 32)
+                bits, block = (8, 64 if weight.shape[1] % 64 == 0 else 32) if int8(i, key) else (4, 32)
                 deq = dequantize_blockwise(gptq_quantize(weight, inputs[ROLES[key]].hessian(), bits, block, np.float16))
                 params[f"model.layers.{i}.{path}.weight"].copy_(torch.from_numpy(deq))
         # The lm_head (the tied embedding, or the untied lm_head) is GPTQ-quantized on the final-normed hidden
@@ -107,7 +107,7 @@ def export_and_compare(folder, model, tmp_path, graph, patterns, int8, int8_voca
     text = tmp_path / "calib.txt"
     text.write_text(" ".join(f"w{(i * 7) % 300 + 3}" for i in range(300)))
     options = OnnxExportOptions(
-        quant="int4", algo="gptq", int8_layers=patterns, calibration_file=text, fused=graph == "fused",
+        quant="int4", preset="rtn", algo="gptq", int8_layers=patterns, calibration_file=text, fused=graph == "fused",
         accuracy_level=0, int8_vocab=int8_vocab,
     )  # fmt: skip
     manifest = export_onnx(str(folder), tmp_path / "e", options)
@@ -140,7 +140,7 @@ def test_gptq_mixed_precision_export_matches_its_dequantized_weights(tiny_models
     quant = manifest["quant"]
     assert quant["algo"] == "gptq" and quant["int8_layers"] == patterns.split(",")
     assert quant["calibration"]["text"].endswith("calib.txt")
-    assert quant["int8_matrices"]["embed_tokens"] == 64 and quant["int8_matrices"]["layers.1.mlp.down_proj"] == 128
+    assert quant["int8_matrices"]["embed_tokens"] == 64 and quant["int8_matrices"]["layers.1.mlp.down_proj"] == 64
     expected = {"layers.1.attn.o_proj", "layers.1.mlp.down_proj", "embed_tokens"}
     expected |= (
         {"layers.1.attn.qkv_proj", "layers.1.mlp.gate_up_proj"}
@@ -208,8 +208,29 @@ def test_quality_preset_fills_options_and_is_recorded(tiny_models, tmp_path):
     with pytest.raises(UsageError, match="int4 only"):
         export_onnx(str(folder), tmp_path / "x", OnnxExportOptions(quant="int8", int8_layers="embed_tokens"))
     # an int4 recipe asked for int8 says which preset fits instead of failing on one of its options
-    with pytest.raises(UsageError, match="preset quality is an int4 recipe: for int8, use --preset quality-int8"):
+    with pytest.raises(UsageError, match="preset quality is an int4 recipe: for int8, use --preset recommended or rtn"):
         export_onnx(str(folder), tmp_path / "x", OnnxExportOptions(quant="int8", preset="quality"))
+
+
+def test_quant_alone_gives_the_recommended_recipe_and_rtn_is_one_flag_away(tiny_models, tmp_path):
+    folder, _ = tiny_models["gqa_tied"]
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(f"w{i % 300 + 3}" for i in range(200)))
+    quant = export_onnx(str(folder), tmp_path / "d", OnnxExportOptions(quant="int4", calibration_file=text))["quant"]
+    assert quant["preset"] == "recommended" and quant["algo"] == "awq" and quant["calibration"] is not None
+    assert quant["block_size"] == 32 and quant["scales"] == "log8" and quant["int8_vocab"] == 16384
+    assert quant["int8_layers"] == ["*.v_proj", "layers.0.*", "layers.-1.*"]
+    assert quant["recipe"].startswith("int4 awq, blocks of 32, log8 scales; 8-bit: *.v_proj, layers.0.*")
+    int8 = export_onnx(str(folder), tmp_path / "8", OnnxExportOptions(quant="int8", calibration_file=text))["quant"]
+    assert int8["preset"] == "recommended" and int8["algo"] == "awq" and int8["int8_matrices"] == {}
+    assert int8["recipe"] == "int8 awq, blocks of 32, fp16 scales; accuracy level 4"
+    rtn = export_onnx(str(folder), tmp_path / "r", OnnxExportOptions(quant="int4", preset="rtn"))["quant"]
+    assert rtn["preset"] == "rtn" and rtn["algo"] == "rtn" and rtn["calibration"] is None
+    assert rtn["scales"] == "fp16" and rtn["int8_matrices"] == {} and rtn["int8_vocab"] == 0
+    fp32 = export_onnx(str(folder), tmp_path / "f", OnnxExportOptions(quant="fp32", preset="rtn"))["quant"]
+    assert fp32["preset"] is None and fp32["recipe"] == "fp32 weights"
+    with pytest.raises(UsageError, match="presets are int4/int8 recipes; --quant fp16 takes none"):
+        export_onnx(str(folder), tmp_path / "x", OnnxExportOptions(quant="fp16", preset="quality"))
 
 
 def test_int8_preset_is_awq_and_records_it(tiny_models, tmp_path):

@@ -14,7 +14,7 @@ from tests.export.test_decoder_numerics import quantized_copy
 @pytest.mark.parametrize("quant", ["fp32", "int4"])
 def test_runtime_greedy_generation_matches_transformers(tiny_models, tmp_path, which, quant):
     folder, model = tiny_models[which]
-    export_onnx(str(folder), tmp_path / "e", OnnxExportOptions(quant=quant, accuracy_level=0))
+    export_onnx(str(folder), tmp_path / "e", OnnxExportOptions(quant=quant, preset="rtn", accuracy_level=0))
     if quant == "int4":  # compare with the weights the int4 kernels compute with
         model = quantized_copy(model, 4, 32)
     runtime = load(tmp_path / "e")
@@ -78,7 +78,7 @@ def test_fp16_cache_under_fp32_activations_runs_in_the_runtime(tiny_models, tmp_
     folder, _ = tiny_models["gqa_tied"]
     logits = {}
     for kv in ("fp32", "fp16"):
-        export_onnx(str(folder), tmp_path / kv, OnnxExportOptions(quant="int4", kv_cache=kv))
+        export_onnx(str(folder), tmp_path / kv, OnnxExportOptions(quant="int4", preset="rtn", kv_cache=kv))
         decoder = load(tmp_path / kv).decoder
         assert decoder.kv_dtype == np.dtype("float16" if kv == "fp16" else "float32")
         logits[kv], cache, _ = prefill_and_decode(decoder)
