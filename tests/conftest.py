@@ -113,3 +113,10 @@ def bundled_exports(tmp_path_factory) -> Path:
     for quant in ("int4", "fp32"):
         export_bundled(root, quant, "--quant", quant)
     return root
+
+
+@pytest.fixture(scope="session")
+def bundled_int8(tmp_path_factory) -> Path:
+    """The bundled 135M exported with `--quant int8` (the default int8 recipe), once per session: shared by
+    test_bundled_model.py and tests/genai. Tests must not modify it."""
+    return export_bundled(tmp_path_factory.mktemp("bundled-int8"), "int8", "--quant", "int8")

@@ -42,12 +42,10 @@ def test_int4_export_answers_the_readme_question(exports):
     assert "Paris" in result.stdout
 
 
-def test_default_int8_export_answers_the_readme_question(tmp_path):
+def test_default_int8_export_answers_the_readme_question(bundled_int8):
     """Plain int8 at the CPU kernels' int8 activations answers "L'Étoile, la Marseur, ..."; the default recipe
     must not."""
-    from tests.conftest import export_bundled
-
-    folder = export_bundled(tmp_path, "int8", "--quant", "int8")
+    folder = bundled_int8
     assert json.loads((folder / "smolexport.json").read_text())["quant"]["preset"] == "recommended"
     result = invoke("run", folder, "What is the capital of France?", "--greedy", "--max-new-tokens", "24")
     assert result.exit_code == 0

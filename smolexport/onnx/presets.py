@@ -14,10 +14,11 @@ DEFAULT = "recommended"
 
 # The recommended recipe per weight type.
 RECOMMENDED: dict[str, dict] = {
-    # int4 in blocks of 32 (MatMulNBits' fast block size: blocks of 16 decode ~1.5x slower on CPU) with log8
-    # scales (one byte per block), activation-aware channel scaling and the activation-weighted clipping
-    # search (algo awq; the lm_head by GPTQ); kept at 8 bits: every v_proj, the first and the last layer, and
-    # the embedding/lm_head rows of the 16,384 lowest token ids (a BPE vocabulary's common tokens, vocab.py).
+    # int4 in blocks of 32 (MatMulNBits' fast block size: the same recipe in blocks of 16 decodes at 0.75x on
+    # CPU) with log8 scales (one byte per block), activation-aware channel scaling and the activation-weighted
+    # clipping search (algo awq; the lm_head by GPTQ); kept at 8 bits: every v_proj, the first and the last
+    # layer, and the embedding/lm_head rows of the 16,384 lowest token ids (a BPE vocabulary's common tokens,
+    # vocab.py). Chosen on the dev set against decode speed: docs/quantization.md, "Choosing the default".
     "int4": {
         "algo": "awq",
         "block_size": 32,
@@ -37,7 +38,7 @@ PRESETS: dict[str, dict] = {
     # The quick export: round-to-nearest, every matrix at the chosen bits, blocks of 32, fp16 scales. Accepted
     # (and meaningless) with float weights too, so that a script can pass it for every --quant.
     "rtn": {"algo": "rtn"},
-    # int4 in blocks of 16: closer to the original than `recommended`, but blocks of 16 decode at ~0.65x.
+    # int4 in blocks of 16: closer to the original than `recommended`, but it decodes at 0.75x its speed (135M, CPU).
     "quality": {
         "quant": "int4",
         "algo": "awq",

@@ -32,8 +32,8 @@ NEW_TOKENS = 32
 
 
 @pytest.fixture(scope="module")
-def int8_export(tmp_path_factory):
-    return export_bundled(tmp_path_factory.mktemp("bundled-int8"), "int8", "--quant", "int8")
+def int8_export(bundled_int8):
+    return bundled_int8
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,6 @@ def test_genai_greedy_equals_our_runtime_int8(int8_export):
     assert_same_greedy(int8_export, DEFAULT_PROMPTS + OTHER_PROMPTS)
 
 
-@pytest.mark.slow  # the quality preset's export takes ~2 minutes
 def test_genai_greedy_equals_our_runtime_quality(quality_export):
     assert_same_greedy(quality_export, DEFAULT_PROMPTS + OTHER_PROMPTS)
 
