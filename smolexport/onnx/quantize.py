@@ -171,8 +171,9 @@ def search_grid(
     Computed in torch (all cores, in-place temporaries). A candidate's error needs only its scale and zero
     point, so the loop keeps those per block and rounds the weights once at the end. With more than
     COARSE_STRIDE * 2 candidates the search is coarse-to-fine: every COARSE_STRIDE-th candidate (always the
-    first, plain rounding), then the neighbours of each block's best; measured on SmolLM2-135M's matrices
-    (docs/quantization.md) it finds the exhaustive search's error to within 0.5%."""
+    first, plain rounding), then the neighbours of each block's best: on a 1536x576 test matrix with uneven
+    channel scales its weighted error was within 0.04% of the exhaustive search's (which, with COARSE_STRIDE
+    raised, gives the previous NumPy search's codes exactly)."""
     b = torch.from_numpy(np.ascontiguousarray(blocks, dtype=np.float32))
     w = None if weights is None else torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32))
     lo0 = b.amin(dim=2).clamp(max=0.0)

@@ -101,3 +101,22 @@ def test_awq_scores_each_matrix_as_the_export_stores_it(tiny_models, monkeypatch
         storage = seen.pop("storage")
         assert storage("v") == Storage(8, 64, int8_inputs=level == 4)  # hidden 64: the widest int8 block dividing it
         assert storage("q") == storage("down") == Storage(4, 16, int8_inputs=level == 4)
+
+
+def test_coarse_to_fine_alpha_search_is_as_good_as_the_full_grid(monkeypatch):
+    """awq scores 10 of the 21 alphas (every fourth, then +-2 and +-1 around the best): on inputs with outlier
+    channels its choice's modelled error stays within 1% of the full grid's (measured: the same alpha for 8 bits
+    and for 4 bits without int8 inputs, 0.2% more error for 4 bits with them), far below no scaling's."""
+    import smolexport.onnx.awq as awq
+
+    rng = np.random.default_rng(2)
+    x = inputs_with_outliers(rng, 256, 256)
+    for storage in (Storage(4, 32, int8_inputs=True), Storage(8, 64, int8_inputs=True), Storage(4, 32)):
+        weight = rng.normal(size=(96, 256)).astype(np.float32)
+        coarse = search_scales(x, [(weight, storage)])
+        monkeypatch.setattr(awq, "COARSE_STRIDE", 1)
+        full = search_scales(x, [(weight, storage)])
+        monkeypatch.setattr(awq, "COARSE_STRIDE", 4)
+        errors = [_output_error(x, [(weight, storage)], s) for s in (coarse, full, np.ones(256, np.float32))]
+        assert errors[1] <= errors[0] <= 1.01 * errors[1]
+        assert errors[0] < 0.3 * errors[2]
