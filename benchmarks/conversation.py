@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fidelity import BENCH, PEERS, VENV, WORK, WORKER, run  # noqa: E402
+from fidelity import BENCH, PEERS, VENV, WORK, WORKER, build_genai, build_gguf, cpu_model, run  # noqa: E402
 
 ANSWER_TOKENS = 16
 DECODE_TOKENS = 128
@@ -54,16 +54,10 @@ def variants(model: str) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     ours = out / "smolexport-int4"
     if not (ours / "smolexport.json").exists():
-        run([VENV / "smolexport", "onnx", "--model", folder, "--quant", "int4", "--output", ours, "--force", "-q"])
-    genai = out / "genai-int4"
-    if not (genai / "genai_config.json").exists():
-        run([PEERS, "-m", "onnxruntime_genai.models.builder", "-i", folder, "-o", genai, "-p", "int4", "-e", CPU,
-             "-c", out / "genai-cache"])  # fmt: skip
-    f32, q4 = out / "llamacpp-f32.gguf", out / "llamacpp-q4_0.gguf"
-    if not q4.exists():
-        run([VENV / "python", BENCH / "make_ggufs.py", folder, f32, "--dtype", "f32"])
-        run([PEERS, WORKER, "quantize", f32, q4, "Q4_0"])
-        f32.unlink()
+        run([VENV / "smolexport", "onnx", "--model", folder, "--quant", "int4", "--preset", "rtn", "--output", ours,
+             "--force", "-q"])  # fmt: skip
+    genai = build_genai(folder, out / "genai-int4", "int4", out / "genai-cache")
+    q4 = build_gguf(folder, out / "llamacpp-q4_0.gguf", "Q4_0", out / "llamacpp-f32.gguf", keep_source=False)
     return [
         {"name": "smolexport int4", "kind": "ours", "path": ours},
         {"name": "onnxruntime-genai int4", "kind": "genai", "path": genai},
@@ -178,9 +172,7 @@ def main() -> None:
     args = parser.parse_args()
     tmp = WORK / "conversation"
     tmp.mkdir(parents=True, exist_ok=True)
-    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    cpu_model = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if "Model name" in line), "?")
-    results, text = {"cpu": cpu_model, "load_before": os.getloadavg()}, []
+    results, text = {"cpu": cpu_model(), "load_before": os.getloadavg()}, []
     for model in args.model:
         chosen = variants(model)
         work_file = workload(chosen[0]["path"], args.runs, tmp / f"workload-{model}.json")

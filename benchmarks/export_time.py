@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fidelity import BENCH, PEERS, VENV, WORK  # noqa: E402
+from fidelity import BENCH, PEERS, VENV, WORK, cpu_model  # noqa: E402
 
 CHECKPOINT = WORK / "smollm2-1.7b-random"
 OUT = WORK / "export-time"
@@ -53,11 +53,7 @@ def main() -> None:
                                                "-o", OUT / "genai", "-p", "int4", "-e", "cpu", "-c", OUT / "cache"],
                                               OUT / "genai"),
     }  # fmt: skip
-    cpu = next(
-        line.split(":", 1)[1].strip()
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
-        if line.startswith("Model name")
-    )
+    cpu = cpu_model()
     rows = []
     for name, (cmd, folder) in runs.items():
         row = {"name": name, **timed(cmd), "folder_mb": round(folder_mb(folder), 1)}

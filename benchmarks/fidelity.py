@@ -53,12 +53,21 @@ FOLDERS = {"orig": WORK / "smollm2-135m-instruct", "degrid": WORK / "smollm2-135
 
 # Defaults apply unless named: MatMulNBits accuracy level 4 (int8 activations), block 32.
 OURS = {
-    "smolexport int8": ["--quant", "int8"],
+    "smolexport int8": ["--quant", "int8", "--preset", "rtn"],
     "smolexport int8 --preset quality-int8": ["--preset", "quality-int8"],
-    "smolexport int4 rtn": ["--quant", "int4", "--algo", "rtn"],
-    "smolexport int4 act-mse": ["--quant", "int4", "--algo", "act-mse"],
-    "smolexport int4 awq": ["--quant", "int4", "--algo", "awq"],
-    "smolexport int4 awq, blocks of 16, log8 scales": ["--algo", "awq", "--block-size", "16", "--scales", "log8"],
+    "smolexport int4 rtn": ["--quant", "int4", "--preset", "rtn"],
+    "smolexport int4 act-mse": ["--quant", "int4", "--preset", "rtn", "--algo", "act-mse"],
+    "smolexport int4 awq": ["--quant", "int4", "--preset", "rtn", "--algo", "awq"],
+    "smolexport int4 awq, blocks of 16, log8 scales": [
+        "--preset",
+        "rtn",
+        "--algo",
+        "awq",
+        "--block-size",
+        "16",
+        "--scales",
+        "log8",
+    ],  # fmt: skip
     "smolexport int4 --preset quality": ["--preset", "quality"],
     "smolexport int4 --preset quality-plus": ["--preset", "quality-plus"],
 }
@@ -72,6 +81,37 @@ def run(cmd: list, **kw) -> None:
 
 def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
+
+
+def cpu_model() -> str:
+    """`lscpu`'s model name: every figure is recorded with it."""
+    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+        if line.startswith("Model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def build_genai(folder: Path, out: Path, precision: str, cache: Path, options: list[str] = ()) -> Path:
+    """onnxruntime-genai's model builder (CPU, `--extra_options` `options`) from `folder` into `out`, unless
+    `out` holds its export already."""
+    if not (out / "genai_config.json").exists():
+        extra = ["--extra_options", *options] if options else []
+        run([PEERS, "-m", "onnxruntime_genai.models.builder", "-i", folder, "-o", out, "-p", precision, "-e", "cpu",
+             "-c", cache, *extra])  # fmt: skip
+    return out
+
+
+def build_gguf(folder: Path, out: Path, kind: str, source: Path, keep_source: bool = True) -> Path:
+    """llama.cpp's `kind` (Q4_0, Q4_K_M, ...) of `folder` into `out`, quantized from the GGUF `source` (made
+    from `folder` when missing, F16 if its name says so, else F32), unless `out` exists already."""
+    if not out.exists():
+        if not source.exists():
+            dtype = "f16" if "f16" in source.name else "f32"
+            run([VENV / "python", BENCH / "make_ggufs.py", folder, source, "--dtype", dtype])
+        run([PEERS, WORKER, "quantize", source, out, kind])
+        if not keep_source:
+            source.unlink()
+    return out
 
 
 # --- building every variant -------------------------------------------------------------------------------
@@ -94,19 +134,14 @@ def build(weights: str, only: list[str] | None = None) -> list[dict]:
     if only:
         return variants
     for precision in ["int4", "int8"]:
-        path = out / f"genai-{precision}"
-        if not (path / "genai_config.json").exists():
-            run([PEERS, "-m", "onnxruntime_genai.models.builder", "-i", folder, "-o", path, "-p", precision,
-                 "-e", "cpu", "-c", out / "genai-cache"])  # fmt: skip
+        path = build_genai(folder, out / f"genai-{precision}", precision, out / "genai-cache")
         variants.append({"name": f"onnxruntime-genai {precision}", "kind": "genai", "path": path})
     f32 = out / "llamacpp-f32.gguf"
     if not f32.exists():
         run([VENV / "python", BENCH / "make_ggufs.py", folder, f32, "--dtype", "f32"])
     variants.append({"name": "llama.cpp F32", "kind": "llamacpp", "path": f32})
     for kind in GGUF_TYPES:
-        path = out / f"llamacpp-{kind.lower()}.gguf"
-        if not path.exists():
-            run([PEERS, WORKER, "quantize", f32, path, kind])
+        path = build_gguf(folder, out / f"llamacpp-{kind.lower()}.gguf", kind, f32)
         variants.append({"name": f"llama.cpp {kind}", "kind": "llamacpp", "path": path})
     fp32 = out / "optimum-fp32"
     if not (fp32 / "model.onnx").exists():

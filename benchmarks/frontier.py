@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import shlex
 import subprocess
 import sys
@@ -37,7 +36,20 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fidelity import BENCH, PEERS, ROOT, VENV, WORK, WORKER, artifact_bytes, run  # noqa: E402
+from fidelity import (  # noqa: E402
+    BENCH,
+    PEERS,
+    ROOT,
+    VENV,
+    WORK,
+    WORKER,
+    artifact_bytes,
+    build_genai,
+    build_gguf,
+    cpu_model,
+    run,
+    slug,
+)  # fmt: skip
 from sensitivity import dev_segments  # noqa: E402
 from speed import measure, workload  # noqa: E402
 
@@ -59,10 +71,6 @@ GENAI = {  # name -> (precision, extra options of onnxruntime-genai's builder)
 GGUF = {"llama.cpp Q4_0": "Q4_0", "llama.cpp Q4_K_M": "Q4_K_M", "llama.cpp Q8_0": "Q8_0"}
 
 
-def slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in name).strip("-").lower()
-
-
 def build(extra: dict[str, list[str]]) -> list[dict]:
     OUT.mkdir(parents=True, exist_ok=True)
     variants = []
@@ -72,19 +80,10 @@ def build(extra: dict[str, list[str]]) -> list[dict]:
             run([VENV / "smolexport", "onnx", "--model", WEIGHTS, *flags, "--output", path, "--force", "-q"])
         variants.append({"name": name, "kind": "ours", "path": path})
     for name, (precision, options) in GENAI.items():
-        path = OUT / slug(name)
-        if not (path / "genai_config.json").exists():
-            extra_options = ["--extra_options", *options] if options else []
-            run([PEERS, "-m", "onnxruntime_genai.models.builder", "-i", WEIGHTS, "-o", path, "-p", precision,
-                 "-e", "cpu", "-c", OUT / "genai-cache", *extra_options])  # fmt: skip
+        path = build_genai(WEIGHTS, OUT / slug(name), precision, OUT / "genai-cache", options)
         variants.append({"name": name, "kind": "genai", "path": path})
-    f32 = OUT / "llamacpp-f32.gguf"
     for name, kind in GGUF.items():
-        path = OUT / f"llamacpp-{kind.lower()}.gguf"
-        if not path.exists():
-            if not f32.exists():
-                run([VENV / "python", BENCH / "make_ggufs.py", WEIGHTS, f32, "--dtype", "f32"])
-            run([PEERS, WORKER, "quantize", f32, path, kind])
+        path = build_gguf(WEIGHTS, OUT / f"llamacpp-{kind.lower()}.gguf", kind, OUT / "llamacpp-f32.gguf")
         variants.append({"name": name, "kind": "llamacpp", "path": path})
     return variants
 
@@ -231,8 +230,7 @@ def main() -> None:
     tmp = OUT / "runs"
     tmp.mkdir(exist_ok=True)
     segments, references = reference()
-    cpu = next((line.split(":", 1)[1].strip() for line in subprocess.run(["lscpu"], capture_output=True,
-                text=True).stdout.splitlines() if line.startswith("Model name")), platform.processor())  # fmt: skip
+    cpu = cpu_model()
     work_file = workload(next(v["path"] for v in variants if v["kind"] == "ours"), args.runs, tmp / "workload.json")
     decode = {} if args.only_fidelity else interleaved_decode(variants, work_file, args.rounds, tmp)
     rows = []

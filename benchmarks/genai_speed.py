@@ -43,6 +43,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fidelity import cpu_model  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "benchmarks" / "work"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -52,19 +55,18 @@ SOURCES = {"135m": WORK / "smollm2-135m-instruct", "1.7b": WORK / "smollm2-1.7b-
 THREADS = 2
 
 
-def cpu_model() -> str:
-    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-        if line.startswith("Model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
-
-
 def build(model: str) -> list[dict]:
     source = SOURCES[model]
     if not (source / "config.json").is_file():
         raise SystemExit(f"{source} is missing: run benchmarks/make_135m_checkpoints.py / make_random_checkpoint.py")
     out = WORK / "genai-speed" / model
-    variants = [{"name": "genai on smolexport int4", "path": out / "smolexport-int4", "flags": ["--quant", "int4"]}]
+    variants = [
+        {
+            "name": "genai on smolexport int4",
+            "path": out / "smolexport-int4",
+            "flags": ["--quant", "int4", "--preset", "rtn"],
+        }
+    ]
     if model == "135m":
         variants.append({"name": "genai on smolexport int4 --preset quality", "path": out / "smolexport-int4-quality",
                          "flags": ["--preset", "quality"]})  # fmt: skip

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fidelity import BENCH, OPTIMUM, PEERS, VENV, WORK, WORKER, artifact_bytes, run  # noqa: E402
+from fidelity import BENCH, OPTIMUM, PEERS, VENV, WORK, WORKER, artifact_bytes, build_genai, build_gguf, run  # noqa: E402
 
 ORIG = WORK / "fidelity" / "orig"
 SPEED17 = WORK / "speed-1.7b"
@@ -46,7 +46,7 @@ def variants_135m() -> list[dict]:
         {"name": "smolexport int4 --preset quality", "kind": "ours", "path": ORIG / "smolexport-int4--preset-quality"},
         {"name": "smolexport int8", "kind": "ours", "path": ORIG / "smolexport-int8"},
         {"name": "smolexport int4 --kv-cache fp16", "kind": "ours", "path": WORK / "exports" / "135m-int4-kv16",
-         "flags": ["--quant", "int4", "--kv-cache", "fp16"]},
+         "flags": ["--quant", "int4", "--preset", "rtn", "--kv-cache", "fp16"]},
         {"name": "onnxruntime-genai int4", "kind": "genai", "path": ORIG / "genai-int4"},
         {"name": "onnxruntime-genai int8", "kind": "genai", "path": ORIG / "genai-int8"},
         {"name": "llama.cpp Q4_0", "kind": "llamacpp", "path": ORIG / "llamacpp-q4_0.gguf"},
@@ -63,20 +63,15 @@ def variants_17b() -> list[dict]:
     SPEED17.mkdir(parents=True, exist_ok=True)
     ours = WORK / "exports" / "smollm2-1.7b-random-int4"
     if not (ours / "smolexport.json").exists():
-        run([VENV / "smolexport", "onnx", "--model", RANDOM17, "--quant", "int4", "--output", ours, "--force", "-q"])
+        run([VENV / "smolexport", "onnx", "--model", RANDOM17, "--quant", "int4", "--preset", "rtn", "--output", ours,
+             "--force", "-q"])  # fmt: skip
     kv16 = WORK / "exports" / "smollm2-1.7b-random-int4-kv16"
     if not (kv16 / "smolexport.json").exists():
-        run([VENV / "smolexport", "onnx", "--model", RANDOM17, "--quant", "int4", "--kv-cache", "fp16", "--output",
-             kv16, "--force", "-q"])  # fmt: skip
-    genai = SPEED17 / "genai-int4"
-    if not (genai / "genai_config.json").exists():
-        run([PEERS, "-m", "onnxruntime_genai.models.builder", "-i", RANDOM17, "-o", genai, "-p", "int4", "-e", "cpu",
-             "-c", SPEED17 / "genai-cache"])  # fmt: skip
-    f16, q4 = SPEED17 / "llamacpp-f16.gguf", SPEED17 / "llamacpp-q4_0.gguf"
-    if not q4.exists():
-        run([VENV / "python", BENCH / "make_ggufs.py", RANDOM17, f16, "--dtype", "f16"])
-        run([PEERS, WORKER, "quantize", f16, q4, "Q4_0"])
-        f16.unlink()
+        run([VENV / "smolexport", "onnx", "--model", RANDOM17, "--quant", "int4", "--preset", "rtn", "--kv-cache",
+             "fp16", "--output", kv16, "--force", "-q"])  # fmt: skip
+    genai = build_genai(RANDOM17, SPEED17 / "genai-int4", "int4", SPEED17 / "genai-cache")
+    f16 = SPEED17 / "llamacpp-f16.gguf"
+    q4 = build_gguf(RANDOM17, SPEED17 / "llamacpp-q4_0.gguf", "Q4_0", f16, keep_source=False)
     return [
         {"name": "smolexport int4 (rtn)", "kind": "ours", "path": ours},
         {"name": "smolexport int4 --kv-cache fp16", "kind": "ours", "path": kv16},

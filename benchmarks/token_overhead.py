@@ -14,13 +14,17 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 from smolexport_runtime import load
 from smolexport_runtime.generate import decode_one_token, ones_mask, prefill
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fidelity import cpu_model  # noqa: E402
 
 
 def old_forward(decoder, token: int, cache, length: int):
@@ -82,9 +86,8 @@ def main() -> None:
     for _ in range(args.rounds):
         for name, step in loops.items():
             results[name].append(measure(model, ids, args.tokens, step))
-    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     summary = {
-        "cpu": next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if "Model name" in line), "?"),
+        "cpu": cpu_model(),
         "export": args.export_dir,
         **{
             name: {key: round(statistics.median(r[key] for r in rounds), 3) for key in rounds[0]}

@@ -95,19 +95,16 @@ class DecoderBuilder:
     def _wants_int8(self, name: str) -> bool:
         return wants_int8(self.o.int8_layers, name, self.c.num_hidden_layers)
 
-    def _stored_as(self, name: str, bits: int | None, k: int) -> tuple[int | None, int]:
-        """(bits, block size) of a matrix with k inputs: 8 bits in wide blocks where --int8-layers says so."""
-        if bits == 4 and self._wants_int8(name):
+    def _stored_as(self, name: str, bits: int | None, k: int, int8: bool | None = None) -> tuple[int | None, int]:
+        """(bits, block size) of a matrix with k inputs: 8 bits in wide blocks where --int8-layers says so, or
+        where `int8` says so when the caller has decided (packed_linear's groups)."""
+        if bits == 4 and (self._wants_int8(name) if int8 is None else int8):
             return 8, int8_block_size(k)
         return bits, self.o.block_size
 
     def _bits(self, name: str, bits: int | None, k: int, int8: bool | None = None) -> tuple[int | None, int]:
-        """`_stored_as`, recording the matrices raised to 8 bits (for the manifest). `int8`: decided by the
-        caller (packed_linear's groups), instead of from the name."""
-        if int8 is None:
-            bits_stored, block_size = self._stored_as(name, bits, k)
-        else:
-            bits_stored, block_size = (8, int8_block_size(k)) if bits == 4 and int8 else (bits, self.o.block_size)
+        """`_stored_as`, recording the matrices raised to 8 bits (for the manifest)."""
+        bits_stored, block_size = self._stored_as(name, bits, k, int8)
         if bits_stored != bits:
             self.int8_matrices[name] = block_size
         return bits_stored, block_size
