@@ -29,6 +29,15 @@ def writable(path: Path | None) -> Path | None:
     return path
 
 
+def text_argument(name: str, value: str) -> str:
+    """Python decodes a command line that is not UTF-8 into lone surrogates, which no tokenizer encodes."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"{name} is not valid UTF-8 text (check the terminal's encoding)") from None
+    return value
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="smolexport")
 def main():
@@ -203,6 +212,10 @@ def run_command(
 
     if any(not s for s in stop):
         raise UsageError("--stop takes a non-empty string")
+    if not prompt.strip():
+        raise UsageError("PROMPT is empty: give the text to answer")
+    for name, value in (("PROMPT", prompt), ("--system", system or ""), *(("--stop", s) for s in stop)):
+        text_argument(name, value)
     model = load(export_dir, providers=provider, threads=threads)
     if raw:
         request = prompt

@@ -11,6 +11,7 @@ Reading and verifying a manifest is the runtime's job (`smolexport_runtime.manif
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -95,13 +96,17 @@ def remove_stale_staging(parent: Path) -> list[Path]:
         except OSError:
             continue
         removed.append(staging)
+    for lock_path in parent.glob(".*.export-lock"):  # the output locks of dead exports (see _hold_output_lock)
+        try:
+            with open(lock_path, "a") as handle:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                lock_path.unlink(missing_ok=True)
+        except OSError:
+            continue
     return removed
 
 
-@contextmanager
-def staged_output(output: Path, force: bool, progress: Progress = SILENT) -> Iterator[Path]:
-    """Yields an empty staging folder; on success it replaces `output`, on failure it is deleted."""
-    output = Path(output).absolute()
+def check_output_path(output: Path, force: bool) -> None:
     if output.exists() and not force:
         raise SmolexportError(f"{output} already exists; pass --force to replace it")
     if output.exists() and not output.is_dir():
@@ -109,9 +114,69 @@ def staged_output(output: Path, force: bool, progress: Progress = SILENT) -> Ite
     if output.exists() and any(output.iterdir()) and not (output / MANIFEST).is_file():
         # --force replaces an earlier export, never an unrelated folder (`--output ~/models --force`).
         raise SmolexportError(f"{output} is not empty and not a smolexport export; refusing to replace it")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    for stale in remove_stale_staging(output.parent):
-        progress.step(f"removed {stale}, the staging folder of an export that is no longer running")
+    for ancestor in output.parents:
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                raise SmolexportError(f"cannot create {output}: {ancestor} is a file, not a folder")
+            break
+
+
+def _hold_output_lock(output: Path):
+    """One export at a time into one output folder: a second one fails at once instead of both running for
+    minutes and the later silently replacing the first."""
+    if fcntl is None:
+        return None
+    path = output.with_name(f".{output.name}.export-lock")
+    handle = open(path, "w")  # noqa: SIM115  # held for the export's lifetime
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise SmolexportError(f"another export into {output} is running; wait for it to finish") from None
+    return handle
+
+
+def _release_output_lock(output: Path, handle) -> None:
+    if handle is not None:
+        output.with_name(f".{output.name}.export-lock").unlink(missing_ok=True)
+        handle.close()
+
+
+def _write_error(output: Path, exc: OSError) -> SmolexportError:
+    """A failed file operation (a full disk, no permission) as one line; the staging folder is gone by then."""
+    where = f" ({exc.filename})" if exc.filename else ""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return SmolexportError(f"no space left to write {output}{where}: free some disk space and export again")
+    return SmolexportError(f"export to {output} failed: {exc.strerror or exc}{where}")
+
+
+@contextmanager
+def staged_output(output: Path, force: bool, progress: Progress = SILENT) -> Iterator[Path]:
+    """Yields an empty staging folder; on success it replaces `output`, on failure it is deleted."""
+    output = Path(output).absolute()
+    check_output_path(output, force)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output_lock = _hold_output_lock(output)
+    except OSError as exc:
+        raise _write_error(output, exc) from None
+    try:
+        check_output_path(output, force)  # again: another export may have finished while we waited
+        for stale in remove_stale_staging(output.parent):
+            progress.step(f"removed {stale}, the staging folder of an export that is no longer running")
+        with _staging_folder(output) as staging:
+            yield staging
+            if output.exists() and not force:  # made by something else while this export ran
+                raise SmolexportError(f"{output} appeared while exporting; pass --force to replace it")
+            _move_into_place(staging, output)
+    except OSError as exc:
+        raise _write_error(output, exc) from None
+    finally:
+        _release_output_lock(output, output_lock)
+
+
+@contextmanager
+def _staging_folder(output: Path) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
     lock = _hold_lock(staging)
     umask = os.umask(0)
@@ -119,16 +184,19 @@ def staged_output(output: Path, force: bool, progress: Progress = SILENT) -> Ite
     os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the export should not be
     try:
         yield staging
-        if output.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
-            os.replace(output, old / output.name)
-            os.replace(staging, output)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, output)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
         if lock is not None:
             _lock_path(staging).unlink(missing_ok=True)
             lock.close()
+
+
+def _move_into_place(staging: Path, output: Path) -> None:
+    if output.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
+        os.replace(output, old / output.name)
+        os.replace(staging, output)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, output)

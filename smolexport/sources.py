@@ -54,8 +54,20 @@ class ModelSource:
     write_tokenizer: Callable[[Path], None]  # writes tokenizer files into a folder
     generation_config: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def portable_name(self) -> str:
+        """What the model is called in an export, which ships inside apps: a hub id or bundled alias as given,
+        a local file or folder by its name alone (never the build machine's path)."""
+        return self.spec if self.kind in ("hub", "alias-gguf") else self.path.name
+
     def describe(self) -> dict[str, Any]:
-        return {"spec": self.spec, "kind": self.kind, "path": str(self.path)}
+        return {"spec": self.portable_name, "kind": self.kind}
+
+    def shipped_config_json(self) -> str:
+        """The source's config.json as the export ships it: transformers records where it loaded a model from
+        in `_name_or_path` (an absolute path for a local folder or GGUF file)."""
+        config = {**self.config_dict, "_name_or_path": self.portable_name}
+        return json.dumps(config, indent=2, default=str) + "\n"
 
 
 def resolve_alias(name: str) -> Path:
@@ -215,6 +227,7 @@ def load_torch_model(path: Path):
         location, extra = str(path), kwargs
     else:
         location, extra = str(path.parent), {"gguf_file": path.name}
+        _quiet_gguf_bar()
     try:
         model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, **extra)
     except SmolexportError:
@@ -226,6 +239,17 @@ def load_torch_model(path: Path):
     if path.suffix == ".gguf":
         LlamaConfig.from_dict(model.config.to_dict())
     return model.eval()
+
+
+def _quiet_gguf_bar() -> None:
+    """transformers' GGUF loader draws a tqdm bar of its own (tqdm.auto, deaf to disable_progress_bar), which
+    printed even with --quiet and flooded logs: it gets a disabled bar."""
+    import functools
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    if not isinstance(gguf_utils.tqdm, functools.partial):
+        gguf_utils.tqdm = functools.partial(gguf_utils.tqdm, disable=True)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -48,6 +48,7 @@ def test_export_matches_its_original_and_did_not_regress(export_dir):
     REPORT_DIR.mkdir(parents=True, exist_ok=True)
     json_report, markdown_report = REPORT_DIR / "validation.json", REPORT_DIR / "validation.md"
     args = ["validate", str(export_dir), "--json", str(json_report), "--markdown", str(markdown_report), "--quiet"]
+    args += ["--reference", MODEL]  # the original the export came from (a local path is not recorded in it)
     for threshold in THRESHOLDS:
         args += ["--threshold", threshold]
     if BASELINE.is_file():

@@ -130,16 +130,25 @@ def _stop(body: dict) -> list[str]:
     return stops
 
 
+def _text(value: str, param: str) -> str:
+    """JSON may carry a lone surrogate ("\\ud800"), which is no text a tokenizer can encode."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _invalid(param, f"{param} holds an unpaired surrogate (\\ud800-\\udfff): not valid text") from None
+    return value
+
+
 def _message_text(content: Any, index: int) -> str:
     if isinstance(content, str):
-        return content
+        return _text(content, f"messages[{index}].content")
     if isinstance(content, list):  # content parts: only text is supported
         texts = []
         for part in content:
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                 raise _invalid(f"messages[{index}].content", "only text content parts are supported")
             texts.append(part["text"])
-        return "".join(texts)
+        return _text("".join(texts), f"messages[{index}].content")
     raise _invalid(f"messages[{index}].content", "content must be a string or a list of text parts")
 
 
@@ -155,7 +164,8 @@ def _messages(body: dict) -> list[dict[str, str]]:
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise _invalid(f"messages[{i}]", "each message must be an object with role and content")
-        role = ROLES.get(message.get("role"))  # type: ignore[arg-type]
+        role = message.get("role")
+        role = ROLES.get(role) if isinstance(role, str) else None
         if role is None:
             raise _invalid(f"messages[{i}].role", f"role must be one of {', '.join(ROLES)}")
         result.append({"role": role, "content": _message_text(message.get("content"), i)})
@@ -170,7 +180,7 @@ def _completion_prompt(body: dict) -> str:
         raise ApiError(400, "you must provide a prompt parameter", param="prompt", code="missing_required_parameter")
     if not isinstance(prompt, str):
         raise _invalid("prompt", "prompt must be a string (or a list of one string)")
-    return prompt
+    return _text(prompt, "prompt")
 
 
 # --- the model behind the batching engine -------------------------------------------------------------

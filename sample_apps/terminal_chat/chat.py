@@ -90,6 +90,9 @@ def chat(
         except (EOFError, KeyboardInterrupt):
             say()
             break
+        except UnicodeDecodeError:
+            say("error: that line is not valid UTF-8 text (check the terminal's encoding)")
+            continue
         text = line.strip()
         if not text:
             continue

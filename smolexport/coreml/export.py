@@ -23,7 +23,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import UsageError
-from ..packaging import model_manifest, staged_output, write_manifest
+from ..packaging import check_output_path, model_manifest, staged_output, write_manifest
 from ..progress import SILENT, Progress
 from ..sources import open_source
 from . import import_coremltools
@@ -51,6 +51,7 @@ def export_coreml(model: str, output: Path, options: CoreMLExportOptions, progre
     if options.algo not in ("rtn", "mse"):
         raise UsageError(f"unknown algo {options.algo!r} for Core ML: choose rtn or mse")
     ct = import_coremltools()
+    check_output_path(Path(output).absolute(), options.force)  # before minutes of loading, not after
     progress.step(f"loading {model}")
     source = open_source(model)
     context = options.context_length
@@ -65,7 +66,7 @@ def export_coreml(model: str, output: Path, options: CoreMLExportOptions, progre
         gc.collect()
         source.write_tokenizer(staging)
         (staging / "generation_config.json").write_text(json.dumps(source.generation_config, indent=2) + "\n")
-        (staging / "config.json").write_text(json.dumps(source.config_dict, indent=2, default=str) + "\n")
+        (staging / "config.json").write_text(source.shipped_config_json())
         progress.step("checksumming")
         manifest = write_manifest(staging, _manifest(ct, source, options, time.perf_counter() - started))
     progress.step(f"done: {output}")

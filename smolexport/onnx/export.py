@@ -14,7 +14,7 @@ import onnx
 
 from .. import __version__
 from ..errors import UsageError
-from ..packaging import model_manifest, staged_output, write_manifest
+from ..packaging import check_output_path, model_manifest, staged_output, write_manifest
 from ..progress import SILENT, Progress
 from ..sources import ModelSource, open_source
 from .calibration import DEFAULT_TOKENS, load_calibration_ids
@@ -146,6 +146,7 @@ def export_onnx(model: str, output: Path, options: OnnxExportOptions, progress: 
     """Exports `model` (hub id, folder, .gguf or alias) to `output`; returns the manifest."""
     started = time.perf_counter()
     options.decoder_options(1 << 30)  # reject bad options before any slow loading
+    check_output_path(Path(output).absolute(), options.force)  # before minutes of loading, not after
     progress.step(f"loading {model}")
     source = open_source(model)
     decoder = options.decoder_options(source.config.max_position_embeddings)
@@ -158,7 +159,7 @@ def export_onnx(model: str, output: Path, options: OnnxExportOptions, progress: 
             progress.step(f"calibrating on {len(calibration_ids)} tokens while building")
         built = _write_model(staging, source, decoder, progress, calibration_ids)
         (staging / "generation_config.json").write_text(json.dumps(source.generation_config, indent=2) + "\n")
-        (staging / "config.json").write_text(json.dumps(source.config_dict, indent=2, default=str) + "\n")
+        (staging / "config.json").write_text(source.shipped_config_json())
         write_genai_config(staging, source.config, decoder, source.config_dict)  # after the files it reads
         progress.step("checksumming")
         seconds = time.perf_counter() - started

@@ -170,6 +170,20 @@ def _md_cell(text: str, limit: int) -> str:
     return text.replace("|", "\\|")
 
 
+def _recorded_reference(source: dict) -> str:
+    """The original named in the manifest: a hub id or bundled alias. A local source is recorded by name only
+    (exports ship inside apps, without the build machine's paths), so it has to be given again."""
+    spec, kind = source.get("spec"), source.get("kind")
+    if isinstance(spec, str) and kind in ("hub", "alias-gguf"):
+        return spec
+    if isinstance(source.get("path"), str):  # exported before paths were left out
+        return source["path"]
+    raise SmolexportError(
+        f"this export was made from a local model ({spec!r}), whose path the export does not record; "
+        "pass it with --reference PATH"
+    )
+
+
 def validate_export(
     export_dir: Path,
     reference: str | None = None,
@@ -195,7 +209,7 @@ def validate_export(
         manifest = export.manifest
     quant = manifest.quant["mode"]
     bounds = bounds_for(quant, thresholds)
-    reference = reference or manifest.source["spec"]
+    reference = reference or _recorded_reference(manifest.source)
     progress.step(f"loading the PyTorch reference {reference}")
     torch_model = load_torch_model(resolve_path(reference)[1])
     if torch_model.config.vocab_size != manifest.model.vocab_size:

@@ -84,9 +84,20 @@ def test_chat_prompt_cache_warms_the_next_session(tiny_export, tiny_model, tmp_p
     plain = chat(args, "w5 w6\n")
     assert second.output == first.output == plain.output
     assert cache.stat().st_mtime_ns == saved  # loaded, not rewritten
-    cache.write_bytes(b"not a cache")  # damaged: rebuilt, the chat goes on
+    size = cache.stat().st_size
+    cache.write_bytes(cache.read_bytes()[: size // 2])  # a damaged prompt cache (cut short): rebuilt
     third = chat([*args, "--prompt-cache", str(cache)], "w5 w6\n")
-    assert third.output == plain.output and cache.stat().st_size > 100
+    assert third.output == plain.output and cache.stat().st_size == size
+
+
+def test_chat_prompt_cache_never_overwrites_another_file(tiny_export, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    args = [str(tiny_export), "--temperature", "0", "--max-new-tokens", "4", "--system", SYSTEM]
+    result = chat([*args, "--prompt-cache", str(notes)], "w5 w6\n")
+    assert result.exit_code == 0 and "prompt cache not used" in result.output and "not a prompt cache" in result.output
+    assert notes.read_text() == "my notes"
+    assert result.output.split("not used")[1].count("\n> ") >= 1  # and the chat went on
 
 
 def run_cli(args, **kwargs):

@@ -79,6 +79,11 @@ USER = [{"role": "user", "content": "w5 w6"}]
         ({"model": "tiny", "messages": [{"role": "robot", "content": "w5"}]}, 400, None, "messages[0].role"),
         ({"model": "tiny", "messages": [{"role": "user", "content": 5}]}, 400, None, "messages[0].content"),
         ({"model": "tiny", "messages": ["w5"]}, 400, None, "messages[0]"),
+        ({"model": "tiny", "messages": [{"role": ["user"], "content": "w5"}]}, 400, None, "messages[0].role"),
+        ({"model": "tiny", "messages": [{"role": {"a": 1}, "content": "w5"}]}, 400, None, "messages[0].role"),
+        ({"model": "tiny", "messages": [{"role": "user", "content": "w5 \ud800"}]}, 400, None, "messages[0].content"),
+        ({"model": "tiny", "messages": [{"role": "user", "content": None}]}, 400, None, "messages[0].content"),
+        ({"model": "tiny", "messages": USER, "temperature": float("nan")}, 400, "invalid_value", "temperature"),
         (
             {"model": "tiny", "messages": [{"role": "user", "content": "w5 " * 300}]},
             400,
@@ -112,6 +117,7 @@ def test_bad_chat_requests(server, body, status, code, param):
         ({"model": "tiny"}, "prompt"),
         ({"model": "tiny", "prompt": 5}, "prompt"),
         ({"model": "tiny", "prompt": ""}, None),
+        ({"model": "tiny", "prompt": "w5 \udfff"}, "prompt"),
     ],  # noqa: E501
 )
 def test_bad_completion_requests(server, body, param):

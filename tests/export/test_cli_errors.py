@@ -227,3 +227,101 @@ def test_kv_cache_flag_reaches_the_manifest_and_needs_the_fused_graph(tiny_model
     result = run_cli(*args, "--standard-ops", "--output", tmp_path / "standard")
     assert_one_line_error(result, 2, "--kv-cache fp16 needs the fused graph")
     assert not (tmp_path / "standard").exists()
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(tiny_models, tmp_path, monkeypatch):
+    import errno
+
+    import smolexport.onnx.export as export_module
+
+    def disk_full(folder, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(folder / "genai_config.json"))
+
+    monkeypatch.setattr(export_module, "write_genai_config", disk_full)
+    result = run_cli(
+        "onnx", "--model", tiny_models["gqa_tied"][0], "--quant", "fp32", "--output", tmp_path / "out", "-q"
+    )
+    assert_one_line_error(result, 1, "no space left to write", "genai_config.json")
+    assert list(tmp_path.iterdir()) == []  # no output, no staging folder, no lock file
+
+
+def test_an_output_under_a_file(tiny_models, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    result = run_cli("onnx", "--model", tiny_models["gqa_tied"][0], "--output", tmp_path / "afile" / "sub", "-q")
+    assert_one_line_error(result, 1, "is a file, not a folder")
+    assert (tmp_path / "afile").read_text() == "x"
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the output lock is POSIX flock")
+def test_a_second_export_into_the_same_folder_fails_while_the_first_runs(tiny_models, tmp_path):
+    import subprocess
+
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom pathlib import Path\n"
+         "from smolexport.packaging import staged_output\n"
+         "with staged_output(Path(sys.argv[1]), False) as s:\n"
+         "    (s / 'model.onnx').write_bytes(b'first')\n    print(s, flush=True)\n    sys.stdin.readline()\n",
+         str(tmp_path / "out")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert child.stdout.readline().strip()
+        for force in ([], ["--force"]):
+            args = ["onnx", "--model", tiny_models["gqa_tied"][0], "--quant", "fp32", "--output", tmp_path / "out"]
+            assert_one_line_error(run_cli(*args, *force, "-q"), 1, "another export into", "is running")
+    finally:
+        child.communicate("\n", timeout=60)
+    assert child.returncode == 0 and (tmp_path / "out" / "model.onnx").read_bytes() == b"first"
+    # Once the first is done, a second without --force is refused as before, and never replaces it silently.
+    result = run_cli("onnx", "--model", tiny_models["gqa_tied"][0], "--quant", "fp32", "--output", tmp_path / "out")
+    assert_one_line_error(result, 1, "already exists")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_an_export_records_no_path_of_the_build_machine(tiny_export, tiny_models):
+    source = tiny_models["gqa_tied"][0]
+    manifest = json.loads((tiny_export / "smolexport.json").read_text())
+    assert manifest["source"] == {"spec": source.name, "kind": "hf-folder"}
+    assert json.loads((tiny_export / "config.json").read_text())["_name_or_path"] == source.name
+    for path in tiny_export.iterdir():
+        data = path.read_bytes()
+        for private in (str(source.parent), str(tiny_export.parent), str(Path.home())):
+            assert private.encode() not in data, f"{path.name} holds {private}"
+
+
+def test_validate_asks_for_the_reference_of_a_local_source(tiny_export, tiny_models):
+    assert_one_line_error(run_cli("validate", tiny_export, "-q"), 1, "--reference", tiny_models["gqa_tied"][0].name)
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "fragment"),
+    [
+        (["", "--max-new-tokens", "2"], 2, "PROMPT is empty"),
+        (["  ", "--max-new-tokens", "2"], 2, "PROMPT is empty"),
+        (["w5", "--temperature", "nan"], 1, "temperature must be a finite number"),
+        (["w5", "--system", "\udcff"], 2, "--system is not valid UTF-8"),
+    ],
+)
+def test_run_refuses_bad_arguments_in_one_line(tiny_export, args, code, fragment):
+    assert_one_line_error(run_cli("run", tiny_export, *args), code, fragment)
+
+
+def test_run_with_a_command_line_that_is_not_utf8(tiny_export):
+    import subprocess
+
+    argv = [
+        sys.executable,
+        "-m",
+        "smolexport.cli",
+        "run",
+        str(tiny_export).encode(),
+        b"caf\xe9",
+        "--max-new-tokens",
+        "2",
+    ]
+    result = subprocess.run(
+        argv, capture_output=True, timeout=120, env={**__import__("os").environ, "LC_ALL": "C.UTF-8"}
+    )
+    stderr = result.stderr.decode("utf-8", "replace")
+    assert result.returncode == 2 and "Traceback" not in stderr, stderr
+    assert stderr.strip() == "error: PROMPT is not valid UTF-8 text (check the terminal's encoding)"

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .detokenize import StreamingDetokenizer
-from .errors import SmolexportRuntimeError
+from .errors import RequestError, SmolexportRuntimeError
 from .generate import GenerationStats, fit_to_context, prefill_chunks
 from .kv_state import CacheState, common_prefix
 from .sampling import SamplingConfig, make_sampler
@@ -189,9 +189,9 @@ class BatchEngine:
         for a prompt that does not fit (max_new_tokens is clamped to the context)."""
         prompt_ids = list(prompt_ids)
         if not prompt_ids:
-            raise ValueError("the prompt is empty: at least one token is needed to start generation")
+            raise RequestError("the prompt is empty: at least one token is needed to start generation")
         if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+            raise RequestError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         max_new_tokens = fit_to_context(len(prompt_ids), max_new_tokens, self.context)
         stops = [stop] if isinstance(stop, str) else list(stop)
         request = BatchRequest(prompt_ids, sampling or SamplingConfig(), max_new_tokens, stops)

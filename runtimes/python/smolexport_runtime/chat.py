@@ -19,7 +19,7 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from .errors import ChatTemplateError
+from .errors import ChatTemplateError, RequestError
 
 TEMPLATE_FILE = "chat_template.jinja"
 # The special-token variables transformers passes to every template (its `special_tokens_map`).
@@ -107,7 +107,11 @@ def load_chat_template(folder: str | Path, tokenizer_config: Mapping[str, Any]) 
     }
     path = folder / TEMPLATE_FILE
     if path.is_file():
-        return ChatTemplate(path.read_text(encoding="utf-8"), special, origin=str(path))
+        try:
+            source = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ChatTemplateError(f"{path} is not UTF-8 text. Re-export the model.") from None
+        return ChatTemplate(source, special, origin=str(path))
     source = tokenizer_config.get("chat_template")
     if isinstance(source, list):
         # Older configs may hold several named templates; transformers uses the one named "default".
@@ -123,4 +127,30 @@ def _check_messages(messages: Sequence[Message]) -> None:
         raise ChatTemplateError("messages must be a list of {'role': ..., 'content': ...} dicts")
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping) or "role" not in message:
-            raise ChatTemplateError(f"messages[{i}] must be a dict with a 'role' key, got {message!r}")
+            raise ChatTemplateError(f"messages[{i}] must be a dict with a 'role' key, got {_short(message)}")
+        if not isinstance(message["role"], str):
+            raise ChatTemplateError(f"messages[{i}]['role'] must be a string, got {_short(message['role'])}")
+        # A template renders None or a number as the text "None" / "42": a caller's mistake, never meant.
+        if not isinstance(message.get("content"), str):
+            raise ChatTemplateError(
+                f"messages[{i}]['content'] must be a string, got {_short(message.get('content'))}"
+            )
+        check_text(message["content"], f"messages[{i}]['content']")
+        check_text(message["role"], f"messages[{i}]['role']")
+
+
+def check_text(text: str, what: str) -> None:
+    """Refuses text that is not valid Unicode (a lone surrogate, e.g. from a non-UTF-8 command-line argument
+    or a JSON "\\ud800" escape): the tokenizer cannot encode it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RequestError(
+            f"{what} is not valid text: character {exc.start} is an unpaired surrogate {text[exc.start]!r} "
+            "(undecodable input?)"
+        ) from None
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

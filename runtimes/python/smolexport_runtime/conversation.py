@@ -14,11 +14,7 @@ checksums and holds the token ids; loading it into another export is refused.
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 import threading
-import zipfile
 from collections.abc import Generator, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,20 +22,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import SmolexportRuntimeError
+from .errors import RequestError, SmolexportRuntimeError
 from .generate import GenerationStats, fit_to_context, stream_tokens
 from .kv_state import CacheState
+from .prompt_cache import PromptCacheError, read_prompt_cache, refuse_foreign_file, write_prompt_cache
 from .sampling import Sampler, SamplingConfig, make_sampler
 
 if TYPE_CHECKING:
     from .model import Model, Prompt
-
-PROMPT_CACHE_FORMAT = "smolexport-prompt-cache"
-PROMPT_CACHE_VERSION = 1
-
-
-class PromptCacheError(SmolexportRuntimeError):
-    """A prompt cache file that is damaged, or was saved for another export."""
 
 
 class ConversationBusyError(SmolexportRuntimeError):
@@ -112,7 +102,7 @@ class Conversation:
         stops = [stop] if isinstance(stop, str) else list(stop or ())
         ids = self.model.encode(prompt, chat)
         if not ids:
-            raise ValueError("the prompt is empty: at least one token is needed to start generation")
+            raise RequestError("the prompt is empty: at least one token is needed to start generation")
         max_new_tokens = fit_to_context(len(ids), max_new_tokens, self.model.context_length)
         stats = GenerationStats()
         self.last_stats = self.model.last_stats = stats
@@ -154,9 +144,11 @@ class Conversation:
         """Runs `prompt` (a string, or messages such as the system prompt alone) and writes its keys and
         values to `path`. Returns the number of tokens saved. Messages are rendered without the assistant's
         generation prompt, so that the saved ids are a prefix of every later conversation that starts so."""
+        path = Path(path)
+        refuse_foreign_file(path)  # before the prefill, not after
         ids = self.model.encode(prompt, chat, add_generation_prompt=False)
         if not ids:
-            raise ValueError("the prompt is empty: nothing to save")
+            raise RequestError("the prompt is empty: nothing to save")
         fit_to_context(len(ids), 1, self.model.context_length)
         with self._claim(fall_back=False) as state:
             # Keeps what the cache holds of ids, computed as a prefill (see CacheState.reuse).
@@ -165,25 +157,27 @@ class Conversation:
             if state.length < len(ids):
                 state.extend(ids[state.length :])
             arrays = _cache_arrays(state, len(ids))
-        _write_prompt_cache(Path(path), self._key(), ids, arrays)
+        write_prompt_cache(Path(path), self._key(), ids, arrays)
         return len(ids)
 
     def load_prefix(self, path: str | Path) -> int:
         """Loads a prompt cache file into this conversation (replacing what it held). Returns its token count.
         Raises PromptCacheError if the file is damaged or was saved for another export."""
-        ids, arrays = _read_prompt_cache(Path(path), self._key())
+        ids, arrays = read_prompt_cache(Path(path), self._key())
         fit_to_context(len(ids), 1, self.model.context_length)
         self._install(ids, arrays)
         return len(ids)
 
     def warm_start(self, path: str | Path, prompt: Prompt, *, chat: bool | None = None) -> bool:
         """Loads `path` if it holds `prompt`'s prefix for this export; else computes it and saves it there
-        (a missing, stale or damaged file is rewritten). Returns True when the file was used."""
+        (a missing, stale or damaged prompt cache file is rewritten;
+        any other file is refused). Returns True when the file was used."""
         path = Path(path)
+        refuse_foreign_file(path)
         ids = self.model.encode(prompt, chat, add_generation_prompt=False)
         if path.is_file():
             try:
-                saved, arrays = _read_prompt_cache(path, self._key())
+                saved, arrays = read_prompt_cache(path, self._key())
             except PromptCacheError:
                 saved = None
             if saved == ids:
@@ -242,51 +236,3 @@ class _HostCache(list):
         self.arrays = [a[None] for a in arrays]
         self.capacity = capacity
         self.batch = 1
-
-
-def _write_prompt_cache(path: Path, key: dict[str, Any], ids: list[int], arrays: list[np.ndarray]) -> None:
-    meta = {"format": PROMPT_CACHE_FORMAT, "format_version": PROMPT_CACHE_VERSION, **key}
-    payload = {f"kv_{i}": a for i, a in enumerate(arrays)}
-    payload["tokens"] = np.asarray(ids, dtype=np.int64)
-    payload["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Written beside the target and moved into place: a crash never leaves half a cache under the name.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **payload)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _read_prompt_cache(path: Path, key: dict[str, Any]) -> tuple[list[int], list[np.ndarray]]:
-    if not path.is_file():
-        raise PromptCacheError(f"no prompt cache file at {path}")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            meta = json.loads(bytes(data["meta"]).decode())
-            tokens = data["tokens"]
-            if not isinstance(meta, dict) or tokens.ndim != 1:
-                raise ValueError("unexpected contents")
-            ids = [int(t) for t in tokens]
-            count = sum(1 for name in data.files if name.startswith("kv_"))
-            arrays = [data[f"kv_{i}"] for i in range(count)]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, EOFError, zipfile.BadZipFile) as exc:
-        raise PromptCacheError(f"{path} is not a readable prompt cache file ({exc}); delete it") from None
-    if meta.get("format") != PROMPT_CACHE_FORMAT or meta.get("format_version") != PROMPT_CACHE_VERSION:
-        raise PromptCacheError(f"{path} is not a prompt cache file this runtime reads; delete it")
-    for name in ("weights_sha256", "kv_dtype", "kv_shape"):
-        if meta.get(name) != key[name]:
-            raise PromptCacheError(
-                f"{path} was saved for another export ({name} {meta.get(name)!r}, this export has "
-                f"{key[name]!r}); delete it or save it again with this model"
-            )
-    layers, heads, head_dim = key["kv_shape"]
-    expected = (heads, len(ids), head_dim)
-    if len(arrays) != 2 * layers or any(
-        a.shape != expected or a.dtype != np.dtype(key["kv_dtype"]) for a in arrays
-    ):
-        raise PromptCacheError(f"{path} is damaged (its arrays do not match its token count); delete it")
-    return ids, arrays

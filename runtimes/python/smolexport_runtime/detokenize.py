@@ -13,6 +13,8 @@ from collections.abc import Iterable, Sequence
 
 from tokenizers import Tokenizer
 
+from .errors import RequestError
+
 REPLACEMENT_CHAR = "\ufffd"
 
 
@@ -42,7 +44,7 @@ class StreamingDetokenizer:
         self.tokenizer = tokenizer
         self.stop = tuple(stop)
         if any(not s for s in self.stop):
-            raise ValueError("stop strings must be non-empty")
+            raise RequestError("stop strings must be non-empty")
         self.skip_special_tokens = skip_special_tokens
         self.ids: list[int] = []
         self.text = ""  # everything yielded so far

@@ -15,3 +15,8 @@ class ContextLengthError(SmolexportRuntimeError):
 
 class ChatTemplateError(SmolexportRuntimeError):
     """Chat was requested but the model has no usable chat template, or the template refused the messages."""
+
+
+class RequestError(SmolexportRuntimeError, ValueError):
+    """A generation request the runtime cannot run: an empty or undecodable prompt, malformed messages, or
+    sampling settings out of range. A ValueError too, which is what these raised before."""

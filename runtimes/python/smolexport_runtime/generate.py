@@ -19,7 +19,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from .detokenize import StreamingDetokenizer
-from .errors import ContextLengthError
+from .errors import ContextLengthError, RequestError
 from .sampling import Sampler
 
 # Prompt tokens per forward call when the decoder names none (`prefill_chunk`). Older graphs (without
@@ -98,7 +98,7 @@ def extend(
     """Feeds `ids` after `length` cached tokens, in chunks: returns the last position's logits, the cache and
     its new length. `prefill` is this on an empty cache; a conversation extends the cache it already has."""
     if len(ids) == 0:
-        raise ValueError("the prompt is empty: at least one token is needed to start generation")
+        raise RequestError("the prompt is empty: at least one token is needed to start generation")
     chunk_size = chunk_size or getattr(decoder, "prefill_chunk", PREFILL_CHUNK)
     for part in prefill_chunks(ids, chunk_size):
         chunk = np.asarray([part], dtype=np.int64)
@@ -116,7 +116,7 @@ def prefill(
     `capacity` (prompt + tokens to come) lets the decoder allocate its cache once for the whole sequence.
     `chunk_size`: prompt tokens per call; by default the decoder's `prefill_chunk`, else PREFILL_CHUNK."""
     if len(ids) == 0:
-        raise ValueError("the prompt is empty: at least one token is needed to start generation")
+        raise RequestError("the prompt is empty: at least one token is needed to start generation")
     # Decoders written to the plain `empty_cache(batch)` contract keep working when no capacity is asked for.
     cache = decoder.empty_cache(1) if capacity is None else decoder.empty_cache(1, capacity=capacity)
     return extend(decoder, cache, 0, ids, chunk_size)
@@ -150,7 +150,7 @@ def generate_tokens(
 def fit_to_context(prompt_tokens: int, max_new_tokens: int, context_length: int | None) -> int:
     """max_new_tokens clamped so prompt + completion fits the context; an overlong prompt is an error."""
     if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        raise RequestError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if context_length is None:
         return max_new_tokens
     if prompt_tokens >= context_length:
@@ -177,7 +177,7 @@ def stream_generate(
     prompt that does not fit raises at the call site rather than inside the consumer's loop."""
     prompt_ids = list(prompt_ids)
     if not prompt_ids:
-        raise ValueError("the prompt is empty: at least one token is needed to start generation")
+        raise RequestError("the prompt is empty: at least one token is needed to start generation")
     max_new_tokens = fit_to_context(len(prompt_ids), max_new_tokens, context_length)
     stats = stats if stats is not None else GenerationStats()
     tokens = generate_tokens(decoder, prompt_ids, sampler, max_new_tokens)

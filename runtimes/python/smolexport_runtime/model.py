@@ -9,11 +9,11 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-from .chat import ChatTemplate, Message, load_chat_template
+from .chat import ChatTemplate, Message, check_text, load_chat_template
 from .conversation import Conversation
-from .errors import ChatTemplateError, SmolexportRuntimeError
+from .errors import ChatTemplateError, RequestError, SmolexportRuntimeError
 from .generate import Decoder, GenerationStats
-from .manifest import Manifest, load_manifest, verify_files
+from .manifest import Manifest, check_listed_files, load_manifest, verify_files
 from .session import OnnxDecoder
 from .tokenizer import eos_token_ids, load_tokenizer, read_json
 
@@ -61,6 +61,9 @@ class Model:
         if chat is None:
             chat = self.chat_template is not None or not isinstance(prompt, str)
         if chat:
+            if not isinstance(prompt, str | Sequence) or isinstance(prompt, bytes):
+                kind = type(prompt).__name__
+                raise RequestError(f"the prompt must be a string or a list of messages, got {kind}")
             messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
             # The rendered template already holds BOS and the other special tokens: adding them again
             # would double them.
@@ -68,6 +71,7 @@ class Model:
             return self.tokenizer.encode(text, add_special_tokens=False).ids
         if not isinstance(prompt, str):
             raise ChatTemplateError("a list of messages needs chat=True; with chat=False pass a string")
+        check_text(prompt, "the prompt")
         return self.tokenizer.encode(prompt, add_special_tokens=True).ids
 
     def conversation(self, reuse_generated: bool = False) -> Conversation:
@@ -104,12 +108,18 @@ class Model:
             self._conversation.reset()
 
 
-def _verify_into(folder: Path, manifest: Manifest, result: list) -> None:
+def _verify_into(folder: Path, manifest: Manifest, names: list[str], result: list) -> None:
     try:
-        verify_files(folder, manifest.files)
+        verify_files(folder, manifest.files, names)
         result.append(None)
     except BaseException as exc:  # handed to the loading thread, which raises it
         result.append(exc)
+
+
+def is_weight_data(name: str) -> bool:
+    """External weight files (`model.onnx.data`, `model_q4.onnx_data`): raw tensor bytes at offsets the
+    (already verified) graph gives, the only files onnxruntime may read before their checksum is known."""
+    return name.endswith((".data", "_data"))
 
 
 def load(
@@ -118,15 +128,21 @@ def load(
     threads: int | None = None,
     verify: bool = True,
 ) -> Model:
-    """Loads an export folder. `verify` checks every file's sha256 (about a second per GB of weights), on a
-    thread of its own while onnxruntime builds the session: a damaged folder still raises ManifestError before
-    anything runs, and a cold start does not pay for the hashing on top of the session."""
+    """Loads an export folder. `verify` checks every file's size and sha256 (about a second per GB of weight):
+    the graph, tokenizer and configs before anything parses them; the weight data on a thread of its own
+    while onnxruntime builds the session, so a cold start does not pay for that hash on top of the session,
+    and a damaged folder still raises ManifestError before anything runs."""
     folder = Path(path)
     manifest = load_manifest(folder, verify=False)
     checked: list[BaseException | None] = []
     checker = None
     if verify:
-        checker = threading.Thread(target=_verify_into, args=(folder, manifest, checked), daemon=True)
+        weights = [name for name in manifest.files if is_weight_data(name)]
+        check_listed_files(folder, manifest.files)
+        verify_files(folder, manifest.files, [name for name in manifest.files if name not in weights])
+        checker = threading.Thread(
+            target=_verify_into, args=(folder, manifest, weights, checked), daemon=True
+        )
         checker.start()
     try:
         decoder = OnnxDecoder(folder / "model.onnx", manifest, providers=providers, threads=threads)

@@ -6,10 +6,14 @@ same settings give the same distribution as the reference model.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from numbers import Integral, Real
 
 import numpy as np
+
+from .errors import RequestError
 
 Sampler = Callable[[np.ndarray], int]
 
@@ -25,16 +29,29 @@ class SamplingConfig:
     greedy: bool = False
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        # NaN passes every comparison below unnoticed and would sample garbage: numbers must be finite.
+        if not _finite_number(self.temperature) or self.temperature < 0:
+            raise RequestError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not _integer(self.top_k) or self.top_k < 0:
+            raise RequestError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
+        if not _finite_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise RequestError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and (not _integer(self.seed) or self.seed < 0):
+            raise RequestError(f"seed must be an integer >= 0 or None, got {self.seed!r}")
+        if not isinstance(self.greedy, bool | np.bool_):
+            raise RequestError(f"greedy must be True or False, got {self.greedy!r}")
 
     @property
     def is_greedy(self) -> bool:
         return self.greedy or self.temperature == 0.0
+
+
+def _integer(value: object) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool | np.bool_)
+
+
+def _finite_number(value: object) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool | np.bool_) and math.isfinite(value)
 
 
 def greedy(logits: np.ndarray) -> int:

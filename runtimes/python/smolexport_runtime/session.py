@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .errors import SmolexportRuntimeError
+from .errors import ManifestError, SmolexportRuntimeError
 from .manifest import Manifest
 
 # Short names accepted in `providers`; full onnxruntime names are accepted too.
@@ -186,12 +186,26 @@ class OnnxDecoder:
                 problems.append(f"unexpected inputs {unknown}")
             if missing_out:
                 problems.append(f"missing outputs {missing_out}")
-            raise SmolexportRuntimeError(
+            raise ManifestError(
                 f"{self.model_path} does not match its manifest: {'; '.join(problems)}. Re-export it."
             )
+        # The manifest's shapes size every buffer the runtime allocates: they must be the graph's own.
+        outputs_by_name = {o.name: o for o in self.session.get_outputs()}
+        declared = {
+            "num_kv_heads": (inputs[self.past_names[0]].shape, 1, self.num_kv_heads),
+            "head_dim": (inputs[self.past_names[0]].shape, 3, self.head_dim),
+            "vocab_size": (outputs_by_name["logits"].shape, 2, self.vocab_size),
+        }
+        for name, (shape, axis, value) in declared.items():
+            graph_value = shape[axis] if len(shape) > axis else None
+            if isinstance(graph_value, int) and graph_value != value:
+                raise ManifestError(
+                    f"{self.model_path} does not match its manifest: model.{name} is {value}, the graph's "
+                    f"is {graph_value}. Re-export it."
+                )
         graph_type = inputs[self.past_names[0]].type
         if graph_type != ORT_KV_TYPES[kv_dtype]:
-            raise SmolexportRuntimeError(
+            raise ManifestError(
                 f"{self.model_path}: cache inputs are {graph_type} but the manifest says {kv_dtype}. "
                 "Re-export it."
             )

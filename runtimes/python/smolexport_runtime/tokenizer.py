@@ -10,14 +10,17 @@ from typing import Any
 from tokenizers import Tokenizer
 
 from .chat import special_token_text
-from .errors import SmolexportRuntimeError
+from .errors import ManifestError
 
 
 def load_tokenizer(folder: str | Path) -> Tokenizer:
     path = Path(folder) / "tokenizer.json"
     if not path.is_file():
-        raise SmolexportRuntimeError(f"{path} is missing; the export folder is incomplete. Re-export it.")
-    tokenizer = Tokenizer.from_file(str(path))
+        raise ManifestError(f"{path} is missing; the export folder is incomplete. Re-export it.")
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises a bare Exception for every kind of bad file
+        raise ManifestError(f"{path} is not a readable tokenizer ({_first_line(exc)}); re-export") from None
     # A tokenizer.json saved with truncation on would silently cut long prompts; padding would add tokens.
     tokenizer.no_truncation()
     tokenizer.no_padding()
@@ -30,10 +33,10 @@ def read_json(path: Path) -> dict[str, Any]:
         return {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise SmolexportRuntimeError(f"{path} is not valid JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise ManifestError(f"{path} is not valid JSON: {_first_line(exc)}") from None
     if not isinstance(data, dict):
-        raise SmolexportRuntimeError(f"{path} must hold a JSON object")
+        raise ManifestError(f"{path} must hold a JSON object")
     return data
 
 
@@ -55,3 +58,8 @@ def eos_token_ids(
     if text is not None and (token_id := tokenizer.token_to_id(text)) is not None:
         ids.add(token_id)
     return frozenset(ids)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
