@@ -63,10 +63,10 @@ class ModelSource:
     def describe(self) -> dict[str, Any]:
         return {"spec": self.portable_name, "kind": self.kind}
 
-    def shipped_config_json(self) -> str:
-        """The source's config.json as the export ships it: transformers records where it loaded a model from
-        in `_name_or_path` (an absolute path for a local folder or GGUF file)."""
-        config = {**self.config_dict, "_name_or_path": self.portable_name}
+    def shipped_config_json(self, **extra: Any) -> str:
+        """The source's config.json as the export ships it, with `extra` keys: transformers records where it
+        loaded a model from in `_name_or_path` (an absolute path for a local folder or GGUF file)."""
+        config = {**self.config_dict, "_name_or_path": self.portable_name, **extra}
         return json.dumps(config, indent=2, default=str) + "\n"
 
 

@@ -120,3 +120,10 @@ def bundled_int8(tmp_path_factory) -> Path:
     """The bundled 135M exported with `--quant int8` (the default int8 recipe), once per session: shared by
     test_bundled_model.py and tests/genai. Tests must not modify it."""
     return export_bundled(tmp_path_factory.mktemp("bundled-int8"), "int8", "--quant", "int8")
+
+
+def graph_path(folder: Path) -> Path:
+    """The ONNX graph of an export folder: where its manifest says (onnx/model_q4.onnx, ...; model.onnx at the
+    root in folders of format_version 1)."""
+    manifest = json.loads((Path(folder) / "smolexport.json").read_text())
+    return Path(folder) / manifest.get("graph", {}).get("file", "model.onnx")

@@ -33,8 +33,9 @@ def exports(bundled_exports):
 def test_int4_export_answers_the_readme_question(exports):
     manifest = json.loads((exports / "int4" / "smolexport.json").read_text())
     assert manifest["quant"]["mode"] == "int4" and manifest["model"]["num_layers"] == 30
-    assert {"model.onnx", "model.onnx.data", "tokenizer.json", "chat_template.jinja", "genai_config.json"} <= set(
-        manifest["files"]
+    expected = {"onnx/model_q4.onnx", "onnx/model_q4.onnx_data", "tokenizer.json", "chat_template.jinja"}
+    assert (
+        expected | {"genai_config.json"} <= set(manifest["files"]) and manifest["graph"]["file"] == "onnx/model_q4.onnx"
     )
     assert manifest["quant"]["preset"] == "recommended" and manifest["quant"]["algo"] == "awq"  # the default
     result = invoke("run", exports / "int4", "What is the capital of France?", "--greedy", "--max-new-tokens", "24")

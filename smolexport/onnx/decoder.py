@@ -368,13 +368,13 @@ def build_decoder(
     if options.cache_dtype != options.activation_dtype and not options.fused:
         raise SmolexportError("a KV cache type other than the activations' needs the fused graph")
     cache_type = CACHE_TYPES[options.cache_dtype][1]
-    g.input("input_ids", TensorProto.INT64, ["batch", "seq"])
-    g.input("attention_mask", TensorProto.INT64, ["batch", "total_seq"])
-    g.input("position_ids", TensorProto.INT64, ["batch", "seq"])
+    g.input("input_ids", TensorProto.INT64, ["batch_size", "seq"])
+    g.input("attention_mask", TensorProto.INT64, ["batch_size", "total_seq"])
+    g.input("position_ids", TensorProto.INT64, ["batch_size", "seq"])
     for i in range(c.num_hidden_layers):
         io = kv_names(i)
         for key in ("past_key", "past_value"):
-            g.input(io[key], cache_type, ["batch", c.num_key_value_heads, "past_seq", c.head_dim])
+            g.input(io[key], cache_type, ["batch_size", c.num_key_value_heads, "past_seq", c.head_dim])
 
     embed = get_weight("model.embed_tokens.weight")
     embedding = VocabMatrix(b, "embed_tokens", embed, b.lm_head_bits)
@@ -416,11 +416,11 @@ def build_decoder(
     if b.np_dtype != np.float32:
         logits = g.node("Cast", [logits], "logits/f32", to=TensorProto.FLOAT)
     g.node_to("Identity", [logits], ["logits"])
-    g.output("logits", TensorProto.FLOAT, ["batch", "kept_seq", c.vocab_size])
+    g.output("logits", TensorProto.FLOAT, ["batch_size", "kept_seq", c.vocab_size])
     for i in range(c.num_hidden_layers):
         io = kv_names(i)
         for key in ("present_key", "present_value"):
-            g.output(io[key], cache_type, ["batch", c.num_key_value_heads, "total_seq", c.head_dim])
+            g.output(io[key], cache_type, ["batch_size", c.num_key_value_heads, "total_seq", c.head_dim])
     return {"int8_matrices": b.int8_matrices}
 
 

@@ -22,13 +22,13 @@ from .decoder import DecoderOptions, build_decoder, kv_names
 from .genai_config import FILE as GENAI_CONFIG
 from .genai_config import write_genai_config
 from .graph import CACHE_TYPES, GraphBuilder
+from .layout import copy_chat_template_into_tokenizer_config, data_file_name, graph_file, transformers_js_config
 from .mixed import parse_patterns
 from .presets import DEFAULT, preset_quant, recipe
 
 QUANT_MODES = ("int4", "int8", "fp16", "fp32")
 ALGOS = ("rtn", "mse", "act-mse", "awq", "gptq", "awq-gptq")
 SCALE_FORMATS = ("fp16", "log8")
-MODEL_FILE = "model.onnx"
 
 
 @dataclass(frozen=True)
@@ -157,10 +157,14 @@ def export_onnx(model: str, output: Path, options: OnnxExportOptions, progress: 
         if decoder.needs_calibration:
             calibration_ids = load_calibration_ids(staging / "tokenizer.json", options.calibration_file)
             progress.step(f"calibrating on {len(calibration_ids)} tokens while building")
-        built = _write_model(staging, source, decoder, progress, calibration_ids)
+        built = _write_model(staging / graph_file(options.quant_mode), source, decoder, progress, calibration_ids)
         (staging / "generation_config.json").write_text(json.dumps(source.generation_config, indent=2) + "\n")
-        (staging / "config.json").write_text(source.shipped_config_json())
-        write_genai_config(staging, source.config, decoder, source.config_dict)  # after the files it reads
+        graph = graph_file(options.quant_mode)
+        extra = {"transformers.js_config": transformers_js_config(options.quant_mode)}
+        (staging / "config.json").write_text(source.shipped_config_json(**extra))
+        copy_chat_template_into_tokenizer_config(staging)
+        # after the files it reads
+        write_genai_config(staging, source.config, decoder, source.config_dict, graph)
         progress.step("checksumming")
         seconds = time.perf_counter() - started
         manifest = write_manifest(staging, _manifest(source, options, decoder, built, seconds))
@@ -168,10 +172,11 @@ def export_onnx(model: str, output: Path, options: OnnxExportOptions, progress: 
     return manifest
 
 
-def _write_model(folder: Path, source: ModelSource, decoder: DecoderOptions, progress: Progress,
+def _write_model(path: Path, source: ModelSource, decoder: DecoderOptions, progress: Progress,
                  calibration_ids: list[int] | None) -> dict:  # fmt: skip
     config = source.config
-    graph = GraphBuilder(folder / MODEL_FILE)
+    path.parent.mkdir(exist_ok=True)
+    graph = GraphBuilder(path, data_name=data_file_name(path.name))
     try:
         progress.step(f"building the decoder ({config.num_hidden_layers} layers)")
         steps = config.num_hidden_layers + 1  # the layers, then the lm_head
@@ -187,7 +192,7 @@ def _write_model(folder: Path, source: ModelSource, decoder: DecoderOptions, pro
         graph.save(metadata={"smolexport_version": __version__})
     finally:
         graph.close()
-    onnx.checker.check_model(str(folder / MODEL_FILE))
+    onnx.checker.check_model(str(path))
     return built
 
 
@@ -207,7 +212,7 @@ def _manifest(
 
     return {
         "format": "smolexport-onnx",
-        "format_version": 1,
+        "format_version": 2,  # 2: the graph's path is graph.file (layout.py); 1: model.onnx at the root
         "source": source.describe(),
         "quant": {
             "mode": options.quant_mode,
@@ -233,6 +238,7 @@ def _manifest(
             "accuracy_level": decoder.accuracy_level if decoder.weight_bits else None,
         },
         "graph": {
+            "file": graph_file(options.quant_mode),
             "ops": "fused" if decoder.fused else "standard",
             # The fused graph takes each row's length from attention_mask: rows must not be padded.
             "padded_batches": not decoder.fused,

@@ -117,7 +117,7 @@ def search_defaults(folder: Path, context_length: int, share_buffer: bool) -> di
 
 
 def genai_config(folder: Path, config: LlamaConfig, decoder: DecoderOptions,
-                 config_dict: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+                 config_dict: dict[str, Any] | None = None, graph: str = MODEL_FILE) -> dict[str, Any]:  # fmt: skip
     """The genai_config.json for an export folder that already holds its tokenizer and generation config;
     `config_dict`: the source's config.json, for token ids the folder's files do not name."""
     c = config
@@ -129,7 +129,7 @@ def genai_config(folder: Path, config: LlamaConfig, decoder: DecoderOptions,
             "context_length": decoder.context_length,
             "vocab_size": c.vocab_size,
             "decoder": {
-                "filename": MODEL_FILE,
+                "filename": graph,
                 # Empty: CPU with onnxruntime's default threads. CUDA: [{"cuda": {}}] (docs/export-folder.md).
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
                 "head_size": c.head_dim,
@@ -156,7 +156,7 @@ def genai_config(folder: Path, config: LlamaConfig, decoder: DecoderOptions,
 
 
 def write_genai_config(folder: Path, config: LlamaConfig, decoder: DecoderOptions,
-                       config_dict: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
-    data = genai_config(folder, config, decoder, config_dict)
+                       config_dict: dict[str, Any] | None = None, graph: str = MODEL_FILE) -> dict:  # fmt: skip
+    data = genai_config(folder, config, decoder, config_dict, graph)
     (folder / FILE).write_text(json.dumps(data, indent=2) + "\n")
     return data

@@ -27,9 +27,9 @@ CACHE_TYPES = {**FLOAT_TYPES, "int8": (np.int8, TensorProto.INT8)}  # KV cache e
 
 
 class GraphBuilder:
-    def __init__(self, model_path: Path, graph_name: str = "decoder"):
+    def __init__(self, model_path: Path, graph_name: str = "decoder", data_name: str | None = None):
         self.model_path = Path(model_path)
-        self.data_name = self.model_path.name + ".data"
+        self.data_name = data_name or self.model_path.name + ".data"  # beside the graph
         self._data = open(self.model_path.with_name(self.data_name), "wb")  # noqa: SIM115 (closed in save/close)
         self.graph_name = graph_name
         self.nodes: list[onnx.NodeProto] = []

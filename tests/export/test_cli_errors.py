@@ -164,12 +164,12 @@ def test_damaged_export_is_reported_by_file(tiny_export, tmp_path, damage):
     if damage == "missing":
         (copy / "tokenizer.json").unlink()
     else:
-        with open(copy / "model.onnx.data", "r+b") as f:
+        with open(copy / "onnx" / "model.onnx_data", "r+b") as f:
             f.seek(100)
             f.write(b"\x13\x37")
     result = run_cli("run", copy, "hello", "--max-new-tokens", "2")
     assert result.exit_code == 1
-    assert ("tokenizer.json" if damage == "missing" else "model.onnx.data") in result.output
+    assert ("tokenizer.json" if damage == "missing" else "onnx/model.onnx_data") in result.output
 
 
 def test_not_an_export_folder(tmp_path):
@@ -283,7 +283,7 @@ def test_an_export_records_no_path_of_the_build_machine(tiny_export, tiny_models
     manifest = json.loads((tiny_export / "smolexport.json").read_text())
     assert manifest["source"] == {"spec": source.name, "kind": "hf-folder"}
     assert json.loads((tiny_export / "config.json").read_text())["_name_or_path"] == source.name
-    for path in tiny_export.iterdir():
+    for path in (p for p in tiny_export.rglob("*") if p.is_file()):
         data = path.read_bytes()
         for private in (str(source.parent), str(tiny_export.parent), str(Path.home())):
             assert private.encode() not in data, f"{path.name} holds {private}"

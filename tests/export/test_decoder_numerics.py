@@ -14,11 +14,11 @@ import torch
 from smolexport.errors import UsageError
 from smolexport.onnx.export import OnnxExportOptions, export_onnx
 from smolexport.onnx.quantize import dequantize_blockwise, quantize_blockwise
-from tests.conftest import empty_cache
+from tests.conftest import empty_cache, graph_path
 
 
 def run_onnx(folder, manifest, feed):
-    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(graph_path(folder)), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(None, feed), strict=True))
 
@@ -132,7 +132,7 @@ def test_tied_weight_is_stored_once(tiny_models, tmp_path):
     folder, model = tiny_models["gqa_tied"]
     for quant in ("fp32", "int4"):
         export_onnx(str(folder), tmp_path / quant, OnnxExportOptions(quant=quant, preset="rtn"))
-        graph = onnx.load(str(tmp_path / quant / "model.onnx"), load_external_data=False).graph
+        graph = onnx.load(str(graph_path(tmp_path / quant)), load_external_data=False).graph
         vocab_sized = [t.name for t in graph.initializer if t.dims and t.dims[0] == model.config.vocab_size]
         # fp32: one [V, H] table; int4: its packed data, scales and zero points, read by the lm_head's MatMulNBits
         # and by the lookup alike (no unpacked zero-point copy)
@@ -188,7 +188,7 @@ def test_log8_scales_export_computes_with_its_decoded_scales(tiny_models, tmp_pa
     expected = torch_logits(quantized_copy(model, 4, 16, algo="mse", log8=True), ids, mask, positions)
     real = mask.astype(bool)
     np.testing.assert_allclose(out["logits"][real], expected[real], atol=1e-3, rtol=0)
-    graph_proto = onnx.load(str(tmp_path / "e" / "model.onnx"), load_external_data=False).graph
+    graph_proto = onnx.load(str(graph_path(tmp_path / "e")), load_external_data=False).graph
     names = {t.name: t.data_type for t in graph_proto.initializer}
     assert not [n for n in names if n.endswith(".scales")]
     assert names["embed_tokens.scale_codes"] == onnx.TensorProto.UINT8
@@ -217,8 +217,8 @@ def test_log8_scale_decoding_is_folded_when_onnx_runtime_loads_the_model(tiny_mo
     export_onnx(str(folder), tmp_path / "e", OnnxExportOptions(quant="int4", block_size=16, scales="log8"))
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(str(tmp_path / "e" / "model.onnx"), options, providers=["CPUExecutionProvider"])
-    built = onnx.load(str(tmp_path / "e" / "model.onnx"), load_external_data=False).graph.node
+    ort.InferenceSession(str(graph_path(tmp_path / "e")), options, providers=["CPUExecutionProvider"])
+    built = onnx.load(str(graph_path(tmp_path / "e")), load_external_data=False).graph.node
     optimized = onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False).graph.node
     assert any(n.name.endswith(".scales/decode") for n in built)
     assert not [n.name for n in optimized if ".scales/" in n.name]

@@ -19,7 +19,7 @@ from smolexport.onnx.export import OnnxExportOptions, export_onnx
 from smolexport.onnx.gptq import gptq_quantize
 from smolexport.onnx.mixed import matrix_parts, parse_patterns, wants_int8
 from smolexport.onnx.quantize import dequantize_blockwise, quantize_blockwise
-from tests.conftest import empty_cache
+from tests.conftest import empty_cache, graph_path
 from tests.export.test_decoder_numerics import prompt_batch, run_onnx, torch_logits
 
 PATHS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
@@ -154,7 +154,7 @@ def test_gptq_mixed_precision_export_matches_its_dequantized_weights(tiny_models
     assert set(quant["int8_matrices"]) == expected
     bits = {
         n.name: {a.name: a.i for a in n.attribute}["bits"]
-        for n in onnx.load(str(tmp_path / "e" / "model.onnx"), load_external_data=False).graph.node
+        for n in onnx.load(str(graph_path(tmp_path / "e")), load_external_data=False).graph.node
         if n.op_type in ("MatMulNBits", "GatherBlockQuantized")
     }
     assert bits["layers.0.attn.o_proj"] == 4 and bits["layers.1.attn.o_proj"] == 8 and bits["lm_head"] == 8
@@ -170,7 +170,7 @@ def test_int8_vocab_rows_export_matches_its_dequantized_weights(tiny_models, tmp
     assert quant["int8_vocab"] == 100
     expected = {"embed_tokens.int8_rows": 64} | ({} if which == "gqa_tied" else {"lm_head.int8_rows": 64})
     assert quant["int8_matrices"] == expected
-    nodes = onnx.load(str(tmp_path / "e" / "model.onnx"), load_external_data=False).graph.node
+    nodes = onnx.load(str(graph_path(tmp_path / "e")), load_external_data=False).graph.node
     table = "embed_tokens" if which == "gqa_tied" else "lm_head"
     heads = sorted(n.name for n in nodes if n.op_type == "MatMulNBits" and n.name.startswith("lm_head"))
     assert heads == [f"lm_head/{table}", f"lm_head/{table}.int8_rows"]

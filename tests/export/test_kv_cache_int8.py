@@ -13,6 +13,7 @@ from smolexport_runtime import load
 from smolexport.onnx.decoder import DecoderBuilder, DecoderOptions, _calibrate
 from smolexport.onnx.export import OnnxExportOptions, export_onnx
 from smolexport.onnx.kv_cache import MARGIN, kv_cache_scales
+from tests.conftest import graph_path
 from tests.export.test_cli_errors import assert_one_line_error, run_cli
 from tests.export.test_runtime_on_export import prefill_and_decode
 
@@ -90,7 +91,7 @@ def test_int8_cache_export_runs_close_to_the_float_cache(tiny_models, tmp_path, 
         caches[kv] = [c.numpy()[:, :, :n] for c in cache[:2]]
     manifest = json.loads((tmp_path / "int8" / "smolexport.json").read_text())
     assert manifest["kv_cache"]["dtype"] == "int8" and manifest["quant"]["calibration"]["text"] == str(calibration)
-    graph = onnx.load(tmp_path / "int8" / "model.onnx")
+    graph = onnx.load(graph_path(tmp_path / "int8"))
     inits = {t.name: t for t in graph.graph.initializer}
     for which, name in enumerate(("layers.0.attn.k_scale", "layers.0.attn.v_scale")):
         scale = numpy_helper.to_array(inits[name], base_dir=str(tmp_path / "int8"))
@@ -100,7 +101,7 @@ def test_int8_cache_export_runs_close_to_the_float_cache(tiny_models, tmp_path, 
         expected = np.clip(caches["fp32"][which], -127.5 * scale, 127.5 * scale)
         assert (np.abs(dequantized - expected) <= scale / 2 + 1e-5).all()
     if quant == "int4":  # the calibration text ran for the cache's scales only: the same rtn weights (no GPTQ)
-        plain = onnx.load(tmp_path / "fp32" / "model.onnx")
+        plain = onnx.load(graph_path(tmp_path / "fp32"))
         for tensor in plain.graph.initializer:
             ours = numpy_helper.to_array(inits[tensor.name], base_dir=str(tmp_path / "int8"))
             np.testing.assert_array_equal(ours, numpy_helper.to_array(tensor, base_dir=str(tmp_path / "fp32")))

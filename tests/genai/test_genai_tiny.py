@@ -17,6 +17,7 @@ from smolexport_runtime.errors import ManifestError
 
 from smolexport.onnx.export import OnnxExportOptions, export_onnx
 from smolexport.packaging import write_manifest
+from tests.conftest import graph_path
 
 from .helpers import genai_generator, genai_greedy, genai_steps, ours_greedy
 
@@ -116,7 +117,7 @@ def test_optional_logits_to_keep(tiny_exports):
     import onnxruntime as ort
 
     folder = tiny_exports["int4"]
-    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(graph_path(folder)), providers=["CPUExecutionProvider"])
     assert "logits_to_keep" not in [i.name for i in session.get_inputs()]
     assert [i.name for i in session.get_overridable_initializers()] == ["logits_to_keep"]
     model = load(folder)
@@ -130,17 +131,29 @@ def test_optional_logits_to_keep(tiny_exports):
 
 
 def make_old_folder(new, old):
-    """An export as written before genai_config.json: logits_to_keep a required input, no genai_config.json,
-    no "genai" section in the manifest."""
+    """An export as written before genai_config.json (format_version 1): model.onnx and model.onnx.data at the
+    root, a batch dimension named `batch`, logits_to_keep a required input, no genai_config.json, no "genai"
+    section in the manifest."""
     shutil.copytree(new, old)
-    graph = onnx.load(str(old / "model.onnx"), load_external_data=False)
+    graph = onnx.load(str(graph_path(old)), load_external_data=False)
     kept = [t for t in graph.graph.initializer if t.name != "logits_to_keep"]
     del graph.graph.initializer[:]
     graph.graph.initializer.extend(kept)
+    for tensor in graph.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "model.onnx.data"
+    for value in [*graph.graph.input, *graph.graph.output]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param == "batch_size":
+                dim.dim_param = "batch"
+    (graph_path(old).parent / (graph_path(old).name + "_data")).rename(old / "model.onnx.data")
+    shutil.rmtree(graph_path(old).parent)
     onnx.save(graph, str(old / "model.onnx"))
     (old / "genai_config.json").unlink()
     manifest = json.loads((old / "smolexport.json").read_text())
-    del manifest["genai"], manifest["files"]
+    del manifest["genai"], manifest["files"], manifest["graph"]["file"]
+    manifest["format_version"] = 1
     (old / "smolexport.json").unlink()
     write_manifest(old, manifest)
 

@@ -77,7 +77,7 @@ def test_not_an_export(tmp_path):
     ("changes", "message"),
     [
         ({"format": "something-else"}, "not 'smolexport-onnx'"),
-        ({"format_version": 2}, "newer than the 1 this runtime reads; upgrade smolexport-runtime"),
+        ({"format_version": 3}, "newer than the 2 this runtime reads; upgrade smolexport-runtime"),
         ({"format_version": "1"}, "invalid format_version"),
         ({"kv_cache": {"layout": "batch,seq,kv_heads,head_dim", "dtype": "float32"}}, "layout"),
         ({"kv_cache": {"layout": "batch,kv_heads,seq,head_dim", "dtype": "bfloat16"}}, "kv_cache.dtype"),

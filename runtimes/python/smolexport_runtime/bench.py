@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .generate import decode_one_token, prefill
+from .manifest import is_weight_data
 from .model import load
 
 CHAT_PROMPT = "What is the capital of France?"
@@ -87,7 +88,8 @@ def run(export_dir: Path, threads: int, runs: int, decode_tokens: int, long_toke
 
     files = model.manifest.files
     weight_bytes = (
-        sum(v["bytes"] for k, v in files.items() if k.endswith(".data")) or files["model.onnx"]["bytes"]
+        sum(v["bytes"] for k, v in files.items() if is_weight_data(k))
+        or files[model.manifest.graph_file]["bytes"]
     )
     decode_tok_s = statistics.median(decode)
     return {

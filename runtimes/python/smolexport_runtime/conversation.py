@@ -25,6 +25,7 @@ import numpy as np
 from .errors import RequestError, SmolexportRuntimeError
 from .generate import GenerationStats, fit_to_context, stream_tokens
 from .kv_state import CacheState
+from .manifest import is_weight_data
 from .prompt_cache import PromptCacheError, read_prompt_cache, refuse_foreign_file, write_prompt_cache
 from .sampling import Sampler, SamplingConfig, make_sampler
 
@@ -199,7 +200,7 @@ class Conversation:
         if manifest is None:
             raise PromptCacheError("prompt cache files need a model loaded from an export folder")
         weights = {name: entry["sha256"] for name, entry in sorted(manifest.files.items())
-                   if name == "model.onnx" or name.endswith(".data")}  # fmt: skip
+                   if name == manifest.graph_file or is_weight_data(name)}  # fmt: skip
         spec = manifest.model
         return {
             "weights_sha256": weights,

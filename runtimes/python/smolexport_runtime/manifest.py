@@ -18,7 +18,9 @@ from .errors import ManifestError
 
 MANIFEST_NAME = "smolexport.json"
 FORMAT = "smolexport-onnx"
-FORMAT_VERSION = 1
+# 2: the graph's path is graph.file (onnx/model_q4.onnx, ...: the layout transformers.js loads); 1: model.onnx
+FORMAT_VERSION = 2
+LEGACY_GRAPH_FILE = "model.onnx"
 KV_LAYOUT = "batch,kv_heads,seq,head_dim"
 KV_DTYPES = ("float32", "float16", "int8")
 # 4 MiB reads: large enough to hash multi-GB weight files at disk speed, small enough to stay off the heap.
@@ -68,6 +70,13 @@ class Manifest:
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     tools: dict[str, Any] = field(default_factory=dict)
     graph: dict[str, Any] = field(default_factory=dict)
+    graph_file: str = LEGACY_GRAPH_FILE  # the ONNX graph, relative to the folder
+
+
+def is_weight_data(name: str) -> bool:
+    """External weight files (`model.onnx.data`, `onnx/model_q4.onnx_data`): raw tensor bytes at offsets the
+    (already verified) graph gives, the only files onnxruntime may read before their checksum is known."""
+    return name.endswith((".data", "_data"))
 
 
 def sha256_file(path: Path) -> str:
@@ -148,6 +157,13 @@ def parse_manifest(raw: Any, folder: Path) -> Manifest:
         _check_relative(rel, where)
         _check_file_entry(rel, entry, where)
 
+    graph = _optional_section(raw, "graph", where)
+    graph_file = graph.get("file", LEGACY_GRAPH_FILE)
+    _check_relative(graph_file, where)
+    if graph_file not in files:
+        raise ManifestError(
+            f"{where}: the graph {_short(graph_file)} is not among its files. Re-export the model."
+        )
     return Manifest(
         folder=folder,
         format_version=version,
@@ -158,7 +174,8 @@ def parse_manifest(raw: Any, folder: Path) -> Manifest:
         source=_optional_section(raw, "source", where),
         files=files,
         tools=_optional_section(raw, "tools", where),
-        graph=_optional_section(raw, "graph", where),
+        graph=graph,
+        graph_file=graph_file,
     )
 
 

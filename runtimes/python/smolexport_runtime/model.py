@@ -13,7 +13,7 @@ from .chat import ChatTemplate, Message, check_text, load_chat_template
 from .conversation import Conversation
 from .errors import ChatTemplateError, RequestError, SmolexportRuntimeError
 from .generate import Decoder, GenerationStats
-from .manifest import Manifest, check_listed_files, load_manifest, verify_files
+from .manifest import Manifest, check_listed_files, is_weight_data, load_manifest, verify_files
 from .session import OnnxDecoder
 from .tokenizer import eos_token_ids, load_tokenizer, read_json
 
@@ -116,12 +116,6 @@ def _verify_into(folder: Path, manifest: Manifest, names: list[str], result: lis
         result.append(exc)
 
 
-def is_weight_data(name: str) -> bool:
-    """External weight files (`model.onnx.data`, `model_q4.onnx_data`): raw tensor bytes at offsets the
-    (already verified) graph gives, the only files onnxruntime may read before their checksum is known."""
-    return name.endswith((".data", "_data"))
-
-
 def load(
     path: str | Path,
     providers: str | Sequence[str] = "auto",
@@ -145,7 +139,7 @@ def load(
         )
         checker.start()
     try:
-        decoder = OnnxDecoder(folder / "model.onnx", manifest, providers=providers, threads=threads)
+        decoder = OnnxDecoder(folder / manifest.graph_file, manifest, providers=providers, threads=threads)
     except SmolexportRuntimeError:
         if checker is not None:  # a damaged file explains a failed load better than onnxruntime's message
             checker.join()
