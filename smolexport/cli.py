@@ -201,12 +201,20 @@ def onnx_command(
 @click.option("--system", default=None, help="System prompt.")
 @click.option("--raw", is_flag=True, help="Feed PROMPT as plain text, without the chat template.")
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
+@click.option(
+    "--json-schema",
+    "schema_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Constrain the answer to this JSON Schema (a .json file).",
+)
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--threads", type=click.IntRange(1), default=None)
 @user_errors
 def run_command(
-    export_dir, prompt, max_new_tokens, greedy, temperature, top_k, top_p, seed, system, raw, stop, provider, threads
-):
+    export_dir, prompt, max_new_tokens, greedy, temperature, top_k, top_p, seed, system, raw, stop, schema_file,
+    provider, threads,
+):  # fmt: skip
     """Generate an answer to PROMPT with an export; prints only the generated text on stdout."""
     from smolexport_runtime import load
 
@@ -216,6 +224,12 @@ def run_command(
         raise UsageError("PROMPT is empty: give the text to answer")
     for name, value in (("PROMPT", prompt), ("--system", system or ""), *(("--stop", s) for s in stop)):
         text_argument(name, value)
+    schema = None
+    if schema_file is not None:
+        try:
+            schema = json.loads(schema_file.read_text(encoding="utf-8"))
+        except (ValueError, OSError) as exc:
+            raise UsageError(f"--json-schema {schema_file} is not a JSON file: {exc}") from None
     model = load(export_dir, providers=provider, threads=threads)
     if raw:
         request = prompt
@@ -224,8 +238,9 @@ def run_command(
     sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
     sampling = {key: value for key, value in sampling.items() if value is not None}
     for piece in model.stream(
-        request, max_new_tokens=max_new_tokens, greedy=greedy, seed=seed, stop=list(stop), chat=not raw, **sampling
-    ):
+        request, max_new_tokens=max_new_tokens, greedy=greedy, seed=seed, stop=list(stop), chat=not raw,
+        response_format=schema, **sampling,
+    ):  # fmt: skip
         click.echo(piece, nl=False)
     click.echo()
 

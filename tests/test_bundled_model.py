@@ -176,3 +176,18 @@ def test_int4_conversation_reuse_is_exact_and_batching_answers_as_alone(exports)
         assert ["".join(r.pieces()) for r in requests] == expected
     finally:
         engine.stop()
+
+
+def test_run_with_a_json_schema(exports, tmp_path):
+    schema = {"type": "object", "properties": {"capital": {"type": "string", "maxLength": 30}},
+              "required": ["capital"], "additionalProperties": False}  # fmt: skip
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    result = invoke(
+        "run", exports / "int4", "What is the capital of France?", "--json-schema", tmp_path / "schema.json"
+    )
+    assert result.exit_code == 0 and json.loads(result.stdout) == {"capital": "Paris"}, result.output
+    (tmp_path / "unique.json").write_text(json.dumps({"type": "array", "uniqueItems": True}))
+    refused = invoke("run", exports / "int4", "Three numbers?", "--json-schema", tmp_path / "unique.json")
+    assert refused.exit_code == 1 and refused.output.strip() == (
+        'error: response_format cannot be enforced: Unimplemented keys: ["uniqueItems"]'
+    )

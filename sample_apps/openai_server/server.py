@@ -33,6 +33,7 @@ from typing import Any
 
 from smolexport_runtime import ContextLengthError, Model, SamplingConfig, SmolexportRuntimeError, load
 from smolexport_runtime.batching import BatchEngine, BatchRequest, EngineStoppedError, QueueFullError
+from smolexport_runtime.constraints import ConstraintError
 
 MAX_BODY_BYTES = 1_000_000  # requests over this get 413
 DRAIN_FACTOR = 8  # a refused body up to 8x the limit is read and dropped, so that its client sees the 413
@@ -73,6 +74,7 @@ class GenerationRequest:
     stop: list[str]
     stream: bool
     include_usage: bool
+    response_format: dict[str, Any] | None = None  # validated OpenAI shape, compiled at submit
 
     def sampling(self) -> dict[str, Any]:
         # top_p -> 0 narrows the nucleus to the single most likely token: greedy.
@@ -172,6 +174,38 @@ def _messages(body: dict) -> list[dict[str, str]]:
     return result
 
 
+# Request fields this server does not implement, refused with a 400 instead of being silently ignored (a client
+# that relies on them would otherwise get free text and no signal).
+UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "logit_bias")
+
+
+def _response_format(body: dict) -> dict[str, Any] | None:
+    """OpenAI's response_format: text, json_object, or json_schema {name, schema, strict}."""
+    value = body.get("response_format")
+    if value is None:
+        return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "json_object"}
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+            raise _invalid("response_format.json_schema", "json_schema must be an object with a 'schema' object")
+        if not isinstance(spec.get("strict", False), bool):
+            raise _invalid("response_format.json_schema.strict", "strict must be a boolean")
+        # Enforced by the grammar whether or not strict is set: the answer always matches the schema.
+        return {"type": "json_schema", "json_schema": {"schema": spec.get("schema", {})}}
+    raise _invalid("response_format.type", "response_format.type must be 'text', 'json_object' or 'json_schema'")
+
+
+def _refuse_unsupported(body: dict) -> None:
+    for key in UNSUPPORTED:
+        if body.get(key) not in (None, [], "none"):
+            raise ApiError(400, f"{key} is not supported by this server", param=key, code="unsupported_parameter")
+
+
 def _completion_prompt(body: dict) -> str:
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1:
@@ -243,6 +277,7 @@ class ModelService:
             )
         if body.get("n") not in (None, 1):
             raise _invalid("n", "only n=1 is supported")
+        _refuse_unsupported(body)
         prompt = _messages(body) if chat else _completion_prompt(body)
         max_key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
         stream = body.get("stream") or False
@@ -261,6 +296,7 @@ class ModelService:
             stop=_stop(body),
             stream=stream,
             include_usage=bool(options.get("include_usage")),
+            response_format=_response_format(body),
         )
 
     def check_prompt(self, request: GenerationRequest) -> list[int]:
@@ -289,13 +325,17 @@ class ModelService:
         try:
             options = request.sampling()
             sampling = SamplingConfig(temperature=options["temperature"], top_p=options["top_p"], seed=options["seed"])
-            submitted = self.engine.submit(ids, sampling, options["max_new_tokens"], request.stop)
+            submitted = self.engine.submit(
+                ids, sampling, options["max_new_tokens"], request.stop, response_format=request.response_format
+            )
         except QueueFullError:
             raise ApiError(503, "the server is busy; retry later", type="server_error", code="server_busy") from None
         except EngineStoppedError:
             raise ApiError(503, "the server is shutting down", type="server_error", code="server_busy") from None
         except ContextLengthError as exc:
             raise ApiError(400, str(exc), code="context_length_exceeded") from None
+        except ConstraintError as exc:
+            raise ApiError(400, str(exc), param="response_format", code="unsupported_schema") from None
         except (SmolexportRuntimeError, ValueError) as exc:
             raise ApiError(400, str(exc)) from None
         with self._stats_lock:
@@ -443,7 +483,10 @@ class Handler(BaseHTTPRequestHandler):
             return
         header = self.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+        # http.server decodes header bytes as latin-1: encoding back gives the bytes the client sent, which a
+        # client writes as UTF-8 (so a non-ASCII key matches; it never did when compared as UTF-8 twice).
+        sent = token.strip().encode("latin-1", "replace")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(sent, key.encode("utf-8")):
             raise ApiError(
                 401,
                 "incorrect or missing API key; send the header 'Authorization: Bearer YOUR_KEY'",

@@ -173,6 +173,24 @@ def test_api_key_is_required_when_set(tiny_model):
         stop(srv, thread)
 
 
+def test_a_non_ascii_api_key_matches_a_utf8_client(tiny_model):
+    import http.client
+
+    srv = make_server(port=0, api_key="clé-ü", model=tiny_model, model_name="tiny")
+    thread = start(srv)
+    try:
+        host, port = srv.server_address[:2]
+        for key, status in (("clé-ü", 200), ("cle-u", 401)):
+            conn = http.client.HTTPConnection(host, port, timeout=10)
+            conn.putrequest("GET", "/v1/models")
+            conn.putheader("Authorization", b"Bearer " + key.encode("utf-8"))  # what a UTF-8 client sends
+            conn.endheaders()
+            assert conn.getresponse().status == status
+            conn.close()
+    finally:
+        stop(srv, thread)
+
+
 def test_openai_client_sees_errors_as_exceptions(client):
     with pytest.raises(openai.NotFoundError) as info:
         client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "w5"}])
@@ -200,5 +218,42 @@ def test_real_model_answers():
         )
         assert "Paris" in response.choices[0].message.content and "." not in response.choices[0].message.content
         assert response.choices[0].finish_reason == "stop" and response.usage.completion_tokens < 32
+    finally:
+        stop(srv, thread)
+
+
+@pytest.mark.skipif(not REAL_EXPORT.is_dir(), reason=f"{REAL_EXPORT} not exported")
+def test_real_model_structured_output_with_the_openai_client():
+    """client.chat.completions.parse with a Pydantic model, and a json_schema stream: both parse."""
+    pydantic = pytest.importorskip("pydantic")
+
+    class Capital(pydantic.BaseModel):
+        model_config = pydantic.ConfigDict(extra="forbid")
+        country: str
+        capital: str
+
+    srv = make_server(REAL_EXPORT, port=0)
+    thread = start(srv)
+    try:
+        client = openai.OpenAI(base_url=srv.url, api_key="x", max_retries=0, timeout=60)
+        messages = [{"role": "user", "content": "What is the capital of France? Answer as JSON."}]
+        parsed = client.chat.completions.parse(
+            model="smollm2-135m-int4", messages=messages, response_format=Capital, temperature=0, max_tokens=40
+        )
+        answer = parsed.choices[0].message.parsed
+        assert isinstance(answer, Capital) and "Paris" in answer.capital
+        schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
+                  "required": ["city"], "additionalProperties": False}  # fmt: skip
+        stream = client.chat.completions.create(
+            model="smollm2-135m-int4", messages=messages, temperature=0, max_tokens=40, stream=True,
+            response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema, "strict": True}},
+        )  # fmt: skip
+        text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+        assert set(json.loads(text)) == {"city"}
+        with pytest.raises(openai.BadRequestError, match="tools is not supported"):
+            client.chat.completions.create(
+                model="smollm2-135m-int4", messages=messages, max_tokens=4,
+                tools=[{"type": "function", "function": {"name": "now", "parameters": {"type": "object"}}}],
+            )  # fmt: skip
     finally:
         stop(srv, thread)

@@ -105,6 +105,34 @@ USER = [{"role": "user", "content": "w5 w6"}]
         ({"model": "tiny", "messages": USER, "seed": 1.5}, 400, "invalid_value", "seed"),
         ({"model": "tiny", "messages": USER, "n": 3}, 400, "invalid_value", "n"),
         ({"model": "tiny", "messages": USER, "stream": "yes"}, 400, "invalid_value", "stream"),
+        # Not implemented: refused, never silently ignored.
+        (
+            {"model": "tiny", "messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]},
+            400,
+            "unsupported_parameter",
+            "tools",
+        ),
+        ({"model": "tiny", "messages": USER, "tool_choice": "required"}, 400, "unsupported_parameter", "tool_choice"),
+        ({"model": "tiny", "messages": USER, "response_format": {"type": "xml"}}, 400, None, "response_format.type"),
+        (
+            {"model": "tiny", "messages": USER, "response_format": {"type": "json_schema"}},
+            400,
+            None,
+            "response_format.json_schema",
+        ),
+        (
+            {
+                "model": "tiny",
+                "messages": USER,
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"type": "array", "uniqueItems": True}},
+                },
+            },
+            400,
+            "unsupported_schema",
+            "response_format",
+        ),
     ],
 )
 def test_bad_chat_requests(server, body, status, code, param):

@@ -26,6 +26,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -33,7 +34,7 @@ from .detokenize import StreamingDetokenizer
 from .errors import RequestError, SmolexportRuntimeError
 from .generate import GenerationStats, fit_to_context, prefill_chunks
 from .kv_state import CacheState, common_prefix
-from .sampling import SamplingConfig, make_sampler
+from .sampling import SamplingConfig
 from .session import KVBuffers
 
 _DONE = object()  # the end of a request's pieces
@@ -184,9 +185,11 @@ class BatchEngine:
         sampling: SamplingConfig | None = None,
         max_new_tokens: int = 256,
         stop: str | Sequence[str] = (),
+        response_format: Any = None,
     ) -> BatchRequest:
         """Queues a generation; raises QueueFullError past `max_queue` waiting requests, ContextLengthError
-        for a prompt that does not fit (max_new_tokens is clamped to the context)."""
+        for a prompt that does not fit (max_new_tokens is clamped to the context), ConstraintError for a
+        `response_format` (see Model.sampler) that cannot be enforced."""
         prompt_ids = list(prompt_ids)
         if not prompt_ids:
             raise RequestError("the prompt is empty: at least one token is needed to start generation")
@@ -195,8 +198,8 @@ class BatchEngine:
         max_new_tokens = fit_to_context(len(prompt_ids), max_new_tokens, self.context)
         stops = [stop] if isinstance(stop, str) else list(stop)
         request = BatchRequest(prompt_ids, sampling or SamplingConfig(), max_new_tokens, stops)
-        # Built here, so that a bad seed or stop string fails the caller, not the engine's thread.
-        request.sampler = make_sampler(request.sampling)
+        # Built here, so that a bad seed, stop string or format fails the caller, not the engine's thread.
+        request.sampler = self.model.sampler(request.sampling, response_format)  # a grammar matcher each
         request.detokenizer = StreamingDetokenizer(self.model.tokenizer, stops)
         with self._cond:
             if self._stopping:

@@ -27,7 +27,7 @@ from .generate import GenerationStats, fit_to_context, stream_tokens
 from .kv_state import CacheState
 from .manifest import is_weight_data
 from .prompt_cache import PromptCacheError, read_prompt_cache, refuse_foreign_file, write_prompt_cache
-from .sampling import Sampler, SamplingConfig, make_sampler
+from .sampling import Sampler, SamplingConfig
 
 if TYPE_CHECKING:
     from .model import Model, Prompt
@@ -51,11 +51,18 @@ def generate_cached(
     stats.cached_tokens = state.reuse(prompt_ids, reuse_generated)
     state.reserve(len(prompt_ids) + max_new_tokens)
     logits = state.extend(prompt_ids[state.length :])
-    for i in range(max_new_tokens):
-        token = sampler(logits)
-        yield token
-        if i + 1 < max_new_tokens:
-            logits = state.decode(token)
+    forced = getattr(sampler, "forced", None)  # a ConstrainedSampler: tokens its grammar forces next
+    produced = 0
+    while True:
+        step = [sampler(logits)]
+        if forced is not None:
+            step += forced(max_new_tokens - produced - 1)
+        yield from step
+        produced += len(step)
+        if produced >= max_new_tokens:
+            return
+        # Forced tokens (a schema's fixed keys and punctuation) run as one multi-token step.
+        logits = state.decode(step[0]) if len(step) == 1 else state.extend(step)
 
 
 class Conversation:
@@ -97,9 +104,13 @@ class Conversation:
         seed: int | None = None,
         greedy: bool = False,
         stop: str | Sequence[str] | None = None,
+        response_format: Any = None,
     ) -> Iterator[str]:
-        """Yields the completion piece by piece. Greedy unless temperature > 0; stats land in `last_stats`."""
+        """Yields the completion piece by piece. Greedy unless temperature > 0; stats land in `last_stats`.
+        `response_format` (a JSON Schema, a Pydantic model class, {"type": "json_object" | "json_schema" |
+        "regex" | "lark", ...}) constrains the answer to it (constraints.py)."""
         sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, greedy=greedy)
+        sampler = self.model.sampler(sampling, response_format)
         stops = [stop] if isinstance(stop, str) else list(stop or ())
         ids = self.model.encode(prompt, chat)
         if not ids:
@@ -107,7 +118,7 @@ class Conversation:
         max_new_tokens = fit_to_context(len(ids), max_new_tokens, self.model.context_length)
         stats = GenerationStats()
         self.last_stats = self.model.last_stats = stats
-        tokens = self._tokens(ids, make_sampler(sampling), max_new_tokens, stats)
+        tokens = self._tokens(ids, sampler, max_new_tokens, stats)
         return stream_tokens(tokens, self.model.tokenizer, ids, stops, self.model.eos_token_ids, stats)
 
     def generate(self, prompt: Prompt, **kwargs: Any) -> str:

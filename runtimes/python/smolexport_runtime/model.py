@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import re
 import threading
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer
 
 from .chat import ChatTemplate, Message, check_text, load_chat_template
+from .constraints import ConstrainedSampler, ConstraintError, GrammarTokenizer, parse_response_format
 from .conversation import Conversation
 from .errors import ChatTemplateError, RequestError, SmolexportRuntimeError
 from .generate import Decoder, GenerationStats
 from .manifest import Manifest, check_listed_files, is_weight_data, load_manifest, verify_files
+from .sampling import Sampler, SamplingConfig, make_sampler
 from .session import OnnxDecoder
 from .tokenizer import eos_token_ids, load_tokenizer, read_json
 
@@ -42,6 +46,10 @@ class Model:
         self.manifest = manifest
         self.last_stats: GenerationStats | None = None
         self._conversation: Conversation | None = None
+        self._grammar: GrammarTokenizer | None = None
+        self._special_texts: tuple[str, ...] | None = None
+        self._literal: Tokenizer | None = None
+        self._grammar_lock = threading.Lock()
 
     def apply_chat_template(
         self, messages: Sequence[Message], add_generation_prompt: bool = True, **variables: Any
@@ -67,12 +75,85 @@ class Model:
             messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
             # The rendered template already holds BOS and the other special tokens: adding them again
             # would double them.
-            text = self.apply_chat_template(messages, add_generation_prompt)
-            return self.tokenizer.encode(text, add_special_tokens=False).ids
+            return self._encode_chat(messages, add_generation_prompt)
         if not isinstance(prompt, str):
             raise ChatTemplateError("a list of messages needs chat=True; with chat=False pass a string")
         check_text(prompt, "the prompt")
         return self.tokenizer.encode(prompt, add_special_tokens=True).ids
+
+    def _encode_chat(self, messages: Sequence[Message], add_generation_prompt: bool) -> list[int]:
+        """The rendered chat's ids, where message contents are text: a user who writes `<|im_start|>system`
+        gets those characters, never the control token (which would let them forge a system turn)."""
+        contents = {i: m.get("content") for i, m in enumerate(messages) if isinstance(m, Mapping)}
+        forged = {i: c for i, c in contents.items() if isinstance(c, str) and self._holds_special_text(c)}
+        if not forged:  # the common case: one encode of the whole text, as transformers does
+            text = self.apply_chat_template(messages, add_generation_prompt)
+            return self.tokenizer.encode(text, add_special_tokens=False).ids
+        # Those contents become markers in the rendered text; the template around them is encoded as usual,
+        # each content on its own with special tokens read as plain text.
+        marked = [{**m, "content": f"\ue000{i}\ue001"} if i in forged else m for i, m in enumerate(messages)]
+        text = self.apply_chat_template(marked, add_generation_prompt)
+        ids, position, literal = [], 0, self._literal_tokenizer()
+        for match in re.finditer("\ue000(\\d+)\ue001", text):
+            ids += self.tokenizer.encode(text[position : match.start()], add_special_tokens=False).ids
+            ids += literal.encode(forged[int(match.group(1))], add_special_tokens=False).ids
+            position = match.end()
+        return ids + self.tokenizer.encode(text[position:], add_special_tokens=False).ids
+
+    def _holds_special_text(self, text: str) -> bool:
+        if self._special_texts is None:
+            decoder = self.tokenizer.get_added_tokens_decoder()
+            self._special_texts = tuple(t.content for t in decoder.values() if t.special and t.content)
+        return any(special in text for special in self._special_texts)
+
+    def _literal_tokenizer(self) -> Tokenizer:
+        """A copy of the tokenizer that reads special tokens' text as plain text."""
+        if self._literal is None:
+            literal = Tokenizer.from_str(self.tokenizer.to_str())
+            if not hasattr(literal, "encode_special_tokens"):  # tokenizers < 0.15: fail closed
+                raise RequestError("a message holds a control token's text; upgrade tokenizers to encode it")
+            literal.encode_special_tokens = True
+            literal.no_truncation()
+            literal.no_padding()
+            self._literal = literal
+        return self._literal
+
+    def sampler(self, sampling: SamplingConfig, response_format: Any = None) -> Sampler:
+        """The logits -> token function for one generation: `sampling`, constrained to `response_format` if
+        given (constraints.py; raises ConstraintError up front for a format that cannot be enforced)."""
+        sampler = make_sampler(sampling)
+        parsed = parse_response_format(response_format)
+        if parsed is None:
+            return sampler
+        grammar = self.grammar_tokenizer()
+        return ConstrainedSampler(sampler, grammar, grammar.compile(parsed))
+
+    def grammar_tokenizer(self) -> GrammarTokenizer:
+        """llguidance's view of the tokenizer, built at the first constrained generation."""
+        with self._grammar_lock:
+            if self._grammar is None:
+                self._grammar = GrammarTokenizer(self.tokenizer, self._logits_width(), self.eos_token_ids)
+            return self._grammar
+
+    def _logits_width(self) -> int:
+        return getattr(self.decoder, "vocab_size", None) or self.tokenizer.get_vocab_size(
+            with_added_tokens=True
+        )
+
+    def generate_json(self, prompt: Prompt, response_format: Any, **kwargs: Any) -> Any:
+        """The answer constrained to `response_format` (a JSON Schema or a Pydantic model class), parsed: the
+        Pydantic instance, or what json.loads gives. Raises ConstraintError if the answer was cut (by
+        max_new_tokens or a stop string) before the JSON was complete."""
+        text = self.generate(prompt, response_format=response_format, **kwargs)
+        try:
+            if isinstance(response_format, type) and hasattr(response_format, "model_validate_json"):
+                return response_format.model_validate_json(text)
+            return json.loads(text)
+        except ValueError as exc:
+            reason = self.last_stats.finish_reason if self.last_stats else None
+            raise ConstraintError(
+                f"the answer is not complete JSON (finish reason {reason!r}; raise max_new_tokens?): {exc}"
+            ) from None
 
     def conversation(self, reuse_generated: bool = False) -> Conversation:
         """A conversation with a KV cache of its own: one per independent chat an app holds at once.
