@@ -11,6 +11,7 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
+from . import tools as tool_calling
 from .chat import ChatTemplate, Message, check_text, load_chat_template
 from .constraints import ConstrainedSampler, ConstraintError, GrammarTokenizer, parse_response_format
 from .conversation import Conversation
@@ -20,6 +21,7 @@ from .manifest import Manifest, check_listed_files, is_weight_data, load_manifes
 from .sampling import Sampler, SamplingConfig, make_sampler
 from .session import OnnxDecoder
 from .tokenizer import eos_token_ids, load_tokenizer, read_json
+from .tools import ToolCall
 
 Prompt = str | Sequence[Message]
 
@@ -154,6 +156,25 @@ class Model:
             raise ConstraintError(
                 f"the answer is not complete JSON (finish reason {reason!r}; raise max_new_tokens?): {exc}"
             ) from None
+
+    def chat_with_tools(
+        self,
+        messages: Sequence[Message],
+        tools: Sequence[Any],
+        tool_choice: Any = "auto",
+        parallel_tool_calls: bool = True,
+        **kwargs: Any,
+    ) -> tuple[str | None, list[ToolCall]]:
+        """One assistant turn with tools (tools.py: SmolLM2's trained format, enforced by a grammar). Returns
+        (text, []) for a text answer or (None, calls) for tool calls, whose arguments validate against each
+        tool's schema. Put the results back as {"role": "tool", "content": ...} messages after an assistant
+        message with "tool_calls", and call again."""
+        parsed = tool_calling.parse_tools(tools)
+        history = tool_calling.render_messages(messages, parsed)
+        response_format = tool_calling.grammar(parsed, tool_choice, parallel_tool_calls)
+        text = self.generate(history, response_format=response_format, **kwargs)
+        calls = tool_calling.parse_calls(text)
+        return (text, []) if calls is None else (None, calls)
 
     def conversation(self, reuse_generated: bool = False) -> Conversation:
         """A conversation with a KV cache of its own: one per independent chat an app holds at once.
