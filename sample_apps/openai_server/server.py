@@ -32,14 +32,16 @@ from pathlib import Path
 from typing import Any
 
 from smolexport_runtime import ContextLengthError, Model, SamplingConfig, SmolexportRuntimeError, load
+from smolexport_runtime import tools as tool_calling
 from smolexport_runtime.batching import BatchEngine, BatchRequest, EngineStoppedError, QueueFullError
 from smolexport_runtime.constraints import ConstraintError
+from smolexport_runtime.tools import Tool
 
 MAX_BODY_BYTES = 1_000_000  # requests over this get 413
 DRAIN_FACTOR = 8  # a refused body up to 8x the limit is read and dropped, so that its client sees the 413
 MAX_STOP_STRINGS = 16
 _MSG_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)  # not on Windows, where the poll before it suffices
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 
 
 class ApiError(Exception):
@@ -75,6 +77,7 @@ class GenerationRequest:
     stream: bool
     include_usage: bool
     response_format: dict[str, Any] | None = None  # validated OpenAI shape, compiled at submit
+    tools: list[Tool] | None = None  # with tools, `prompt` holds them and response_format is their grammar
 
     def sampling(self) -> dict[str, Any]:
         # top_p -> 0 narrows the nucleus to the single most likely token: greedy.
@@ -170,13 +173,39 @@ def _messages(body: dict) -> list[dict[str, str]]:
         role = ROLES.get(role) if isinstance(role, str) else None
         if role is None:
             raise _invalid(f"messages[{i}].role", f"role must be one of {', '.join(ROLES)}")
+        calls = message.get("tool_calls") if role == "assistant" else None
+        if calls:  # an earlier answer that called tools: its content may be null
+            if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
+                raise _invalid(f"messages[{i}].tool_calls", "tool_calls must be a list of objects")
+            content = message.get("content")
+            text = "" if content is None else _message_text(content, i)
+            result.append({"role": role, "content": text, "tool_calls": calls})
+            continue
         result.append({"role": role, "content": _message_text(message.get("content"), i)})
     return result
 
 
 # Request fields this server does not implement, refused with a 400 instead of being silently ignored (a client
 # that relies on them would otherwise get free text and no signal).
-UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "logit_bias")
+UNSUPPORTED = ("functions", "function_call", "logit_bias")
+
+
+def _tools(body: dict) -> tuple[list[Tool] | None, Any, bool]:
+    """tools (SmolLM2's trained format, runtime tools.py), tool_choice and parallel_tool_calls."""
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    parallel = body.get("parallel_tool_calls", True)
+    if not isinstance(parallel, bool):
+        raise _invalid("parallel_tool_calls", "parallel_tool_calls must be a boolean")
+    if tools in (None, []):
+        if choice not in (None, "none"):
+            raise _invalid("tool_choice", "tool_choice needs tools")
+        return None, None, parallel
+    try:
+        parsed = tool_calling.parse_tools(tools)
+        tool_calling.grammar(parsed, "auto" if choice is None else choice, parallel)  # checks tool_choice
+    except ConstraintError as exc:
+        raise _invalid("tool_choice" if "tool_choice" in str(exc) else "tools", str(exc)) from None
+    return parsed, "auto" if choice is None else choice, parallel
 
 
 def _response_format(body: dict) -> dict[str, Any] | None:
@@ -279,6 +308,13 @@ class ModelService:
             raise _invalid("n", "only n=1 is supported")
         _refuse_unsupported(body)
         prompt = _messages(body) if chat else _completion_prompt(body)
+        tools, tool_choice, parallel = _tools(body) if chat else (None, None, True)
+        response_format = _response_format(body)
+        if tools is not None:
+            if response_format is not None:
+                raise _invalid("response_format", "response_format and tools cannot be used together")
+            prompt = tool_calling.render_messages(prompt, tools)
+            response_format = tool_calling.grammar(tools, tool_choice, parallel)
         max_key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
         stream = body.get("stream") or False
         if not isinstance(stream, bool):
@@ -296,7 +332,8 @@ class ModelService:
             stop=_stop(body),
             stream=stream,
             include_usage=bool(options.get("include_usage")),
-            response_format=_response_format(body),
+            response_format=response_format,
+            tools=tools,
         )
 
     def check_prompt(self, request: GenerationRequest) -> list[int]:
@@ -335,7 +372,8 @@ class ModelService:
         except ContextLengthError as exc:
             raise ApiError(400, str(exc), code="context_length_exceeded") from None
         except ConstraintError as exc:
-            raise ApiError(400, str(exc), param="response_format", code="unsupported_schema") from None
+            param = "tools" if request.tools else "response_format"
+            raise ApiError(400, str(exc), param=param, code="unsupported_schema") from None
         except (SmolexportRuntimeError, ValueError) as exc:
             raise ApiError(400, str(exc)) from None
         with self._stats_lock:
@@ -564,7 +602,12 @@ class Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
                 return
             usage = _usage(stats)
-            if chat:
+            calls = _tool_calls(text) if request.tools else None
+            if calls:
+                message = {"role": "assistant", "content": None, "tool_calls": calls}
+                choice, obj = {"index": 0, "message": message}, "chat.completion"
+                stats.finish_reason = "tool_calls"
+            elif chat:
                 choice = {"index": 0, "message": {"role": "assistant", "content": text}}
                 obj = "chat.completion"
             else:
@@ -615,9 +658,13 @@ class Handler(BaseHTTPRequestHandler):
             self._response_started = True
             if chat:
                 self._event(chunk("", first=True))
-            for piece in pieces:
-                self._event(chunk(piece))
-            self._event(chunk(None if chat else "", finish_reason=stats.finish_reason or "stop"))
+            finish = stats.finish_reason
+            if request.tools:
+                finish = self._stream_tool_answer(pieces, chunk)
+            else:
+                for piece in pieces:
+                    self._event(chunk(piece))
+            self._event(chunk(None if chat else "", finish_reason=finish or stats.finish_reason or "stop"))
             if request.include_usage:
                 usage = _usage(stats)
                 final = {"id": ident, "object": obj, "created": created, "model": service.name, "choices": []}
@@ -636,6 +683,29 @@ class Handler(BaseHTTPRequestHandler):
                 self._event(error.body())
         finally:
             pieces.close()
+
+    def _stream_tool_answer(self, pieces: Generation, chunk: Callable[..., dict[str, Any]]) -> str | None:
+        """Streams a text answer as it comes; an answer that opens a tool-call block is held to its end and
+        sent as delta.tool_calls, one per call, keyed by index. Returns "tool_calls" for calls."""
+        held, is_text = "", False
+        for piece in pieces:
+            if is_text:
+                self._event(chunk(piece))
+                continue
+            held += piece
+            if not held.startswith(tool_calling.CALL_OPEN) and not tool_calling.CALL_OPEN.startswith(held):
+                is_text = True
+                self._event(chunk(held))
+        calls = None if is_text else _tool_calls(held)
+        if not calls:
+            if held and not is_text:
+                self._event(chunk(held))
+            return None
+        for index, call in enumerate(calls):
+            event = chunk(None)
+            event["choices"][0]["delta"]["tool_calls"] = [{"index": index, **call}]
+            self._event(event)
+        return "tool_calls"
 
     def _event(self, payload: dict[str, Any]) -> None:
         self._write_chunk(b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n")
@@ -742,6 +812,19 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         if self.server.log_requests:
             super().log_message(format, *args)
+
+
+def _tool_calls(text: str) -> list[dict[str, Any]] | None:
+    """An answer's tool calls in OpenAI's shape, or None for a text answer (or a block cut short)."""
+    try:
+        calls = tool_calling.parse_calls(text)
+    except (ConstraintError, ValueError, KeyError, TypeError):
+        return None
+    return [
+        {"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
+         "function": {"name": c.name, "arguments": json.dumps(c.arguments, ensure_ascii=False)}}
+        for c in calls or ()
+    ] or None  # fmt: skip
 
 
 def _usage(stats: Any) -> dict[str, Any]:

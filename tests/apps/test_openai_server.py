@@ -250,10 +250,35 @@ def test_real_model_structured_output_with_the_openai_client():
         )  # fmt: skip
         text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
         assert set(json.loads(text)) == {"city"}
-        with pytest.raises(openai.BadRequestError, match="tools is not supported"):
-            client.chat.completions.create(
-                model="smollm2-135m-int4", messages=messages, max_tokens=4,
-                tools=[{"type": "function", "function": {"name": "now", "parameters": {"type": "object"}}}],
-            )  # fmt: skip
+        # Tools: a named choice gives a call whose arguments parse; the result goes back for the answer.
+        weather = {"type": "function", "function": {
+            "name": "get_weather", "description": "Current weather in a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30}},
+                           "required": ["city"], "additionalProperties": False}}}  # fmt: skip
+        question = [{"role": "user", "content": "What's the weather like in Paris?"}]
+        called = client.chat.completions.create(
+            model="smollm2-135m-int4", messages=question, tools=[weather], tool_choice="required", max_tokens=60
+        )
+        choice = called.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        call = choice.message.tool_calls[0]
+        assert call.function.name == "get_weather" and set(json.loads(call.function.arguments)) == {"city"}
+        streamed = client.chat.completions.create(
+            model="smollm2-135m-int4", messages=question, tools=[weather], tool_choice="required", max_tokens=60,
+            stream=True,
+        )  # fmt: skip
+        deltas = [c.choices[0] for c in streamed if c.choices]
+        calls = [t for d in deltas for t in (d.delta.tool_calls or [])]
+        assert calls and calls[0].index == 0 and calls[0].function.name == "get_weather"
+        assert deltas[-1].finish_reason == "tool_calls" and not "".join(d.delta.content or "" for d in deltas)
+        history = [
+            *question,
+            choice.message.model_dump(exclude_none=True),
+            {"role": "tool", "tool_call_id": call.id, "content": '{"celsius": 21, "sky": "sunny"}'},
+        ]
+        answer = client.chat.completions.create(
+            model="smollm2-135m-int4", messages=history, tools=[weather], tool_choice="none", max_tokens=30
+        )
+        assert answer.choices[0].message.content and answer.choices[0].message.tool_calls is None
     finally:
         stop(srv, thread)

@@ -106,13 +106,36 @@ USER = [{"role": "user", "content": "w5 w6"}]
         ({"model": "tiny", "messages": USER, "n": 3}, 400, "invalid_value", "n"),
         ({"model": "tiny", "messages": USER, "stream": "yes"}, 400, "invalid_value", "stream"),
         # Not implemented: refused, never silently ignored.
+        ({"model": "tiny", "messages": USER, "functions": [{"name": "f"}]}, 400, "unsupported_parameter", "functions"),
+        ({"model": "tiny", "messages": USER, "tool_choice": "required"}, 400, "invalid_value", "tool_choice"),
         (
-            {"model": "tiny", "messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]},
+            {"model": "tiny", "messages": USER, "tools": [{"type": "function", "function": {}}]},
             400,
-            "unsupported_parameter",
+            "invalid_value",
             "tools",
         ),
-        ({"model": "tiny", "messages": USER, "tool_choice": "required"}, 400, "unsupported_parameter", "tool_choice"),
+        (
+            {
+                "model": "tiny",
+                "messages": USER,
+                "tools": [{"type": "function", "function": {"name": "f"}}],
+                "tool_choice": {"type": "function", "function": {"name": "g"}},
+            },
+            400,
+            "invalid_value",
+            "tool_choice",
+        ),
+        (
+            {
+                "model": "tiny",
+                "messages": USER,
+                "tools": [{"type": "function", "function": {"name": "f"}}],
+                "parallel_tool_calls": "yes",
+            },
+            400,
+            "invalid_value",
+            "parallel_tool_calls",
+        ),
         ({"model": "tiny", "messages": USER, "response_format": {"type": "xml"}}, 400, None, "response_format.type"),
         (
             {"model": "tiny", "messages": USER, "response_format": {"type": "json_schema"}},
