@@ -208,12 +208,21 @@ def onnx_command(
     default=None,
     help="Constrain the answer to this JSON Schema (a .json file).",
 )
+@click.option(
+    "--prompt-lookup",
+    type=click.IntRange(0, 64),
+    default=0,
+    show_default=True,
+    metavar="N",
+    help="Greedy only: check up to N tokens copied from the prompt per step (faster on answers that quote or "
+    "rewrite their input; the same text on float exports).",
+)
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--threads", type=click.IntRange(1), default=None)
 @user_errors
 def run_command(
     export_dir, prompt, max_new_tokens, greedy, temperature, top_k, top_p, seed, system, raw, stop, schema_file,
-    provider, threads,
+    prompt_lookup, provider, threads,
 ):  # fmt: skip
     """Generate an answer to PROMPT with an export; prints only the generated text on stdout."""
     from smolexport_runtime import load
@@ -239,7 +248,7 @@ def run_command(
     sampling = {key: value for key, value in sampling.items() if value is not None}
     for piece in model.stream(
         request, max_new_tokens=max_new_tokens, greedy=greedy, seed=seed, stop=list(stop), chat=not raw,
-        response_format=schema, **sampling,
+        response_format=schema, prompt_lookup=prompt_lookup, **sampling,
     ):  # fmt: skip
         click.echo(piece, nl=False)
     click.echo()

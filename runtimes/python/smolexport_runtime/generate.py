@@ -54,6 +54,8 @@ class GenerationStats:
     ttft_s: float = 0.0  # prefill + first sample: time until the first token id exists
     decode_tok_s: float = 0.0  # tokens per second after the first
     total_s: float = 0.0
+    draft_tokens: int = 0  # prompt lookup: tokens proposed from the context, and those greedy kept
+    accepted_tokens: int = 0
 
 
 def position_ids_from_mask(attention_mask: np.ndarray, seq_len: int) -> np.ndarray:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .generate import PREFILL_CHUNK, Decoder, decode_one_token, extend, prefill_chunks
+from .generate import PREFILL_CHUNK, Decoder, decode_one_token, extend, ones_mask, prefill_chunks
 
 # Capacities are rounded up to this many positions, so a conversation grows its buffer rarely.
 CAPACITY_STEP = 256
@@ -126,6 +126,22 @@ class CacheState:
                 self.prefilled += len(chunk)
             self.tokens += chunk
         return logits
+
+    def verify(self, ids: Sequence[int]) -> np.ndarray:
+        """Runs `ids` (a sampled token and a draft after it) as one step; returns the logits of every one of
+        its positions, [len(ids), vocab]: row i predicts the token after ids[i]. The caller truncates the
+        draft tokens it rejects."""
+        length = self.length
+        end = length + len(ids)
+        chunk = np.asarray([ids], dtype=np.int64)
+        positions = np.arange(length, end, dtype=np.int64)[None, :]
+        logits, self.cache = self.decoder.forward(
+            chunk, ones_mask(end), positions, self.cache, logits_to_keep=0
+        )
+        if len(ids) > 1 and self.prefilled == self.length:
+            self.prefilled += len(ids)
+        self.tokens += list(ids)
+        return logits[0, -len(ids) :]
 
     def decode(self, token: int) -> np.ndarray:
         """Feeds one token; returns its logits."""
