@@ -263,3 +263,20 @@ def llama_export(request, tmp_path_factory) -> Path:
     out = root / "export"
     export_onnx(str(root / "src"), out, OnnxExportOptions(quant="fp32", fused=request.param == "fused"))
     return out
+
+
+def count_forward_calls(model, run):
+    """`run()`'s result and the number of forward passes it made, from an empty cache."""
+    calls, forward = [0], model.decoder.forward
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return forward(*args, **kwargs)
+
+    model.decoder.forward = counted
+    try:
+        model.reset()
+        result = run()
+    finally:
+        model.decoder.forward = forward
+    return result, calls[0]

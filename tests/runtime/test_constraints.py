@@ -19,6 +19,8 @@ import pytest
 from smolexport_runtime import BatchEngine, SamplingConfig, load
 from smolexport_runtime.constraints import ConstrainedSampler, ConstraintError, GrammarTokenizer, parse_response_format
 
+from .conftest import count_forward_calls
+
 SUITE = Path(__file__).resolve().parents[3] / "shared" / "data" / "json-schema-test-suite" / "draft2020-12"
 REALISTIC = {
     "person": {
@@ -207,28 +209,14 @@ def test_forced_tokens_run_as_one_step_with_the_same_answer(bundled_exports, mon
     model = load(bundled_exports / "fp32", providers="cpu")
     prompt, schema = PROMPTS["order"], REALISTIC["order"]
     fast = model.generate(prompt, response_format=schema, max_new_tokens=160)
-    steps = count_forward_calls(model, lambda: model.generate(prompt, response_format=schema, max_new_tokens=160))
+    _, steps = count_forward_calls(model, lambda: model.generate(prompt, response_format=schema, max_new_tokens=160))
     monkeypatch.setattr(ConstrainedSampler, "forced", lambda self, limit: [])
-    slow_steps = count_forward_calls(model, lambda: model.generate(prompt, response_format=schema, max_new_tokens=160))
+    _, slow_steps = count_forward_calls(
+        model, lambda: model.generate(prompt, response_format=schema, max_new_tokens=160)
+    )
     assert model.generate(prompt, response_format=schema, max_new_tokens=160) == fast
     jsonschema.validate(json.loads(fast), schema)
     assert steps < 0.8 * slow_steps, (steps, slow_steps)
-
-
-def count_forward_calls(model, run) -> int:
-    calls, forward = [0], model.decoder.forward
-
-    def counted(*args, **kwargs):
-        calls[0] += 1
-        return forward(*args, **kwargs)
-
-    model.decoder.forward = counted
-    try:
-        model.reset()
-        run()
-    finally:
-        model.decoder.forward = forward
-    return calls[0]
 
 
 def test_the_batch_engine_constrains_each_slot_its_own_way(real, monkeypatch):

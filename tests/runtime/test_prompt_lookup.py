@@ -8,6 +8,8 @@ import pytest
 from smolexport_runtime import load
 from smolexport_runtime.conversation import draft_from_context
 
+from .conftest import count_forward_calls
+
 PASSAGE = (
     "The export is built in a hidden staging folder beside the target and renamed into place only when "
     "complete; on any error the staging folder is deleted. An existing output folder is refused unless "
@@ -20,22 +22,6 @@ def test_drafts_come_from_the_latest_earlier_occurrence():
     assert draft_from_context([5, 2, 3, 7, 2, 3], 2, 10) == [7, 2]  # the tail (2, 3) seen before: 7 followed
     assert draft_from_context([1, 2, 3, 4], 3, 10) == []  # nothing repeats
     assert draft_from_context([1, 2, 1, 2], 5, 1) == [1]  # no more than the room left
-
-
-def count_forward_calls(model, run):
-    calls, forward = [0], model.decoder.forward
-
-    def counted(*args, **kwargs):
-        calls[0] += 1
-        return forward(*args, **kwargs)
-
-    model.decoder.forward = counted
-    try:
-        model.reset()
-        result = run()
-    finally:
-        model.decoder.forward = forward
-    return result, calls[0]
 
 
 @pytest.mark.parametrize(
