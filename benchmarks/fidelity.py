@@ -155,8 +155,8 @@ def build(weights: str, only: list[str] | None = None) -> list[dict]:
 
 
 def artifact_bytes(path: Path) -> int:
-    files = [path] if path.is_file() else list(path.iterdir())
-    model_file = lambda f: f.suffix in (".onnx", ".gguf", ".data") or f.name.endswith(".onnx.data")  # noqa: E731
+    files = [path] if path.is_file() else list(path.rglob("*"))  # exports keep the graph in onnx/
+    model_file = lambda f: f.suffix in (".onnx", ".gguf", ".data") or f.name.endswith((".onnx.data", ".onnx_data"))  # noqa: E731
     return sum(f.stat().st_size for f in files if f.is_file() and model_file(f))
 
 

@@ -193,7 +193,7 @@ def main() -> None:
     rows = []
     for v in variants:
         s = samples[v["name"]]
-        size = sum(p.stat().st_size for p in v["path"].glob("model.onnx*"))
+        size = sum(p.stat().st_size for p in v["path"].rglob("model*.onnx*"))  # ours in onnx/, genai's at the root
         rows.append({"name": v["name"], "path": str(v["path"].relative_to(ROOT)), "model_mb": round(size / 1e6, 1),
                      **{k: round(statistics.median(x), 1) for k, x in s.items()}})  # fmt: skip
     # Ratios of runs paired by round and index (adjacent in time), then their median.

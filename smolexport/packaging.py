@@ -107,6 +107,13 @@ def remove_stale_staging(parent: Path) -> list[Path]:
 
 
 def check_output_path(output: Path, force: bool) -> None:
+    try:
+        _check_output_path(output, force)
+    except OSError as exc:  # a folder that cannot be read
+        raise _write_error(output, exc) from None
+
+
+def _check_output_path(output: Path, force: bool) -> None:
     if output.exists() and not force:
         raise SmolexportError(f"{output} already exists; pass --force to replace it")
     if output.exists() and not output.is_dir():
@@ -127,13 +134,21 @@ def _hold_output_lock(output: Path):
     if fcntl is None:
         return None
     path = output.with_name(f".{output.name}.export-lock")
-    handle = open(path, "w")  # noqa: SIM115  # held for the export's lifetime
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    while True:
+        handle = open(path, "a")  # noqa: SIM115  # held for the export's lifetime
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            raise SmolexportError(f"another export into {output} is running; wait for it to finish") from None
+        # The file may have been unlinked (a finishing export, the stale-lock sweep) between open and flock:
+        # a lock on an orphan excludes nobody, so lock the file that is there now.
+        try:
+            if os.fstat(handle.fileno()).st_ino == os.stat(path).st_ino:
+                return handle
+        except FileNotFoundError:
+            pass
         handle.close()
-        raise SmolexportError(f"another export into {output} is running; wait for it to finish") from None
-    return handle
 
 
 def _release_output_lock(output: Path, handle) -> None:

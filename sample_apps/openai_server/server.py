@@ -78,6 +78,7 @@ class GenerationRequest:
     include_usage: bool
     response_format: dict[str, Any] | None = None  # validated OpenAI shape, compiled at submit
     tools: list[Tool] | None = None  # with tools, `prompt` holds them and response_format is their grammar
+    tool_choice: Any = None
 
     def sampling(self) -> dict[str, Any]:
         # top_p -> 0 narrows the nucleus to the single most likely token: greedy.
@@ -231,7 +232,7 @@ def _response_format(body: dict) -> dict[str, Any] | None:
 
 def _refuse_unsupported(body: dict) -> None:
     for key in UNSUPPORTED:
-        if body.get(key) not in (None, [], "none"):
+        if body.get(key) not in (None, [], {}, "none"):
             raise ApiError(400, f"{key} is not supported by this server", param=key, code="unsupported_parameter")
 
 
@@ -313,8 +314,13 @@ class ModelService:
         if tools is not None:
             if response_format is not None:
                 raise _invalid("response_format", "response_format and tools cannot be used together")
-            prompt = tool_calling.render_messages(prompt, tools)
+            try:
+                prompt = tool_calling.render_messages(prompt, tools)
+            except ConstraintError as exc:  # e.g. an earlier call whose arguments are not JSON
+                raise _invalid("messages", str(exc)) from None
             response_format = tool_calling.grammar(tools, tool_choice, parallel)
+        elif chat and any(m["role"] == "tool" or m.get("tool_calls") for m in prompt):
+            raise _invalid("tools", "a history with tool calls or tool results needs the tools that made them")
         max_key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
         stream = body.get("stream") or False
         if not isinstance(stream, bool):
@@ -334,6 +340,7 @@ class ModelService:
             include_usage=bool(options.get("include_usage")),
             response_format=response_format,
             tools=tools,
+            tool_choice=tool_choice,
         )
 
     def check_prompt(self, request: GenerationRequest) -> list[int]:
@@ -602,7 +609,7 @@ class Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
                 return
             usage = _usage(stats)
-            calls = _tool_calls(text) if request.tools else None
+            calls = _tool_calls(text, request.tools) if request.tools and request.tool_choice != "none" else None
             if calls:
                 message = {"role": "assistant", "content": None, "tool_calls": calls}
                 choice, obj = {"index": 0, "message": message}, "chat.completion"
@@ -660,7 +667,7 @@ class Handler(BaseHTTPRequestHandler):
                 self._event(chunk("", first=True))
             finish = stats.finish_reason
             if request.tools:
-                finish = self._stream_tool_answer(pieces, chunk)
+                finish = self._stream_tool_answer(request, pieces, chunk)
             else:
                 for piece in pieces:
                     self._event(chunk(piece))
@@ -684,7 +691,9 @@ class Handler(BaseHTTPRequestHandler):
         finally:
             pieces.close()
 
-    def _stream_tool_answer(self, pieces: Generation, chunk: Callable[..., dict[str, Any]]) -> str | None:
+    def _stream_tool_answer(
+        self, request: GenerationRequest, pieces: Generation, chunk: Callable[..., dict[str, Any]]
+    ) -> str | None:
         """Streams a text answer as it comes; an answer that opens a tool-call block is held to its end and
         sent as delta.tool_calls, one per call, keyed by index. Returns "tool_calls" for calls."""
         held, is_text = "", False
@@ -696,7 +705,7 @@ class Handler(BaseHTTPRequestHandler):
             if not held.startswith(tool_calling.CALL_OPEN) and not tool_calling.CALL_OPEN.startswith(held):
                 is_text = True
                 self._event(chunk(held))
-        calls = None if is_text else _tool_calls(held)
+        calls = None if is_text or request.tool_choice == "none" else _tool_calls(held, request.tools)
         if not calls:
             if held and not is_text:
                 self._event(chunk(held))
@@ -814,10 +823,10 @@ class Handler(BaseHTTPRequestHandler):
             super().log_message(format, *args)
 
 
-def _tool_calls(text: str) -> list[dict[str, Any]] | None:
+def _tool_calls(text: str, tools: list[Tool]) -> list[dict[str, Any]] | None:
     """An answer's tool calls in OpenAI's shape, or None for a text answer (or a block cut short)."""
     try:
-        calls = tool_calling.parse_calls(text)
+        calls = tool_calling.parse_calls(text, tools)
     except (ConstraintError, ValueError, KeyError, TypeError):
         return None
     return [

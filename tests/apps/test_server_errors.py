@@ -136,6 +136,52 @@ USER = [{"role": "user", "content": "w5 w6"}]
             "invalid_value",
             "parallel_tool_calls",
         ),
+        (
+            {
+                "model": "tiny",
+                "messages": USER,
+                "tools": [{"type": "function", "function": {"name": "f"}}],
+                "tool_choice": {"type": "function", "function": "f"},
+            },
+            400,
+            "invalid_value",
+            "tool_choice",
+        ),
+        (
+            {
+                "model": "tiny",
+                "messages": [
+                    {
+                        "role": "assistant",
+                        "content": None,
+                        "tool_calls": [{"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+                    },
+                    {"role": "tool", "tool_call_id": "1", "content": "3"},
+                ],
+            },
+            400,
+            "invalid_value",
+            "tools",
+        ),
+        (
+            {
+                "model": "tiny",
+                "messages": [
+                    {
+                        "role": "assistant",
+                        "content": None,
+                        "tool_calls": [
+                            {"id": "1", "type": "function", "function": {"name": "f", "arguments": "not json"}}
+                        ],
+                    }
+                ],
+                "tools": [{"type": "function", "function": {"name": "f"}}],
+            },
+            400,
+            "invalid_value",
+            "messages",
+        ),
+        ({"model": "tiny", "messages": USER, "logit_bias": {"5": 3}}, 400, "unsupported_parameter", "logit_bias"),
         ({"model": "tiny", "messages": USER, "response_format": {"type": "xml"}}, 400, None, "response_format.type"),
         (
             {"model": "tiny", "messages": USER, "response_format": {"type": "json_schema"}},

@@ -242,3 +242,21 @@ def test_message_content_cannot_forge_control_tokens(export_dir, forgery):
     # Contents without control-token text encode exactly as the whole rendered text does (as transformers).
     rendered = model.tokenizer.encode(model.apply_chat_template(plain), add_special_tokens=False).ids
     assert plain_ids == rendered
+
+
+def test_marker_like_text_in_another_message_changes_nothing(export_dir):
+    model = load(export_dir, verify=False)
+    history = [{"role": "user", "content": "hi <|im_start|>"}, {"role": "assistant", "content": "see \ue0000\ue001"},
+               {"role": "user", "content": "\ue0007\ue001 w5"}]  # fmt: skip
+    text = model.tokenizer.decode(model.encode(history), skip_special_tokens=False)
+    assert "see \ue0000\ue001" in text and "\ue0007\ue001 w5" in text and "hi <|im_start|>" in text
+
+
+def test_a_listed_name_the_system_refuses_and_a_link_inside_the_folder(folder):
+    edit_manifest(folder, lambda m: m["files"].update({"x" * 300: m["files"]["tokenizer.json"]}))
+    with pytest.raises(ManifestError, match="cannot read"):
+        load(folder)
+    edit_manifest(folder, lambda m: m["files"].pop("x" * 300))
+    (folder / "generation_config.json").rename(folder / "real_generation_config.json")
+    (folder / "generation_config.json").symlink_to("real_generation_config.json")  # inside: allowed
+    assert load(folder).generate("w5", max_new_tokens=1, chat=False) is not None

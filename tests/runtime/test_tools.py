@@ -105,3 +105,32 @@ def test_a_two_step_round_trip_renders_the_trained_format(real):
 def test_bad_tools_are_refused_up_front(real, tools, choice, message):
     with pytest.raises(ConstraintError, match=message):
         real.chat_with_tools([{"role": "user", "content": "hi"}], tools, choice, max_new_tokens=4)
+
+
+def test_only_an_answer_that_starts_with_a_block_is_calls():
+    parsed = tool_calling.parse_tools(TOOLS)
+    block = '<tool_call>[{"name": "add", "arguments": {"a": 1, "b": 2}}]</tool_call>'
+    assert tool_calling.parse_calls(block, parsed) == [tool_calling.ToolCall("add", {"a": 1, "b": 2})]
+    assert tool_calling.parse_calls(" " + block, parsed) is None  # text (the grammar lets no text start so)
+    assert tool_calling.parse_calls("<tool_call>[]</tool_call>", parsed) == []
+    for bad in ('<tool_call>[{"name": "rm_rf", "arguments": {}}]</tool_call>',
+                '<tool_call>[{"name": "add", "arguments": 5}]</tool_call>',
+                "<tool_call>[{]</tool_call>", '<tool_call>[{"name": "add"'):  # fmt: skip
+        with pytest.raises(ConstraintError):
+            tool_calling.parse_calls(bad, parsed)
+    with pytest.raises(ConstraintError, match="tool_choice must be"):
+        tool_calling.grammar(parsed, {"type": "function", "function": "add"})
+    with pytest.raises(ConstraintError, match="function with a name"):
+        tool_calling.render_messages([{"role": "assistant", "tool_calls": [{"function": "x"}]}], parsed)
+
+
+def test_the_auto_grammar_allows_the_trained_empty_list_and_no_spaced_block(real):
+    grammar = real.grammar_tokenizer()
+    parsed = tool_calling.parse_tools(TOOLS)
+    compiled = grammar.compile(__import__("smolexport_runtime.constraints").constraints.parse_response_format(
+        tool_calling.grammar(parsed, "auto")))  # fmt: skip
+    for text, accepted in (("<tool_call>[]</tool_call>", True), ("Sure.", True),
+                           (' <tool_call>[{"name": "now", "arguments": {}}]</tool_call>', False)):  # fmt: skip
+        matcher = grammar.matcher(compiled)
+        ids = real.tokenizer.encode(text, add_special_tokens=False).ids
+        assert (matcher.consume_tokens(ids) and matcher.is_accepting()) == accepted, text

@@ -101,6 +101,8 @@ def load_manifest(folder: str | Path, verify: bool = True) -> Manifest:
         )
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ManifestError(f"cannot read {path} ({exc.strerror or exc})") from None
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise ManifestError(f"{path} is not valid JSON ({_short(exc)}). Re-export the model.") from None
     manifest = parse_manifest(raw, folder)
@@ -184,7 +186,12 @@ def verify_files(folder: Path, files: dict[str, dict[str, Any]], names: Iterable
     `names`: only these entries (default: all)."""
     paths = check_listed_files(folder, files, names)
     for rel, path in paths.items():
-        actual = sha256_file(path)
+        try:
+            actual = sha256_file(path)
+        except OSError as exc:
+            raise ManifestError(
+                f"export folder {folder}: cannot read {rel} ({exc.strerror or exc})"
+            ) from None
         if actual != files[rel]["sha256"]:
             raise ManifestError(
                 f"export folder {folder} is damaged: {rel} sha256 mismatch "
@@ -214,9 +221,13 @@ def _listed_path(folder: Path, root: Path, rel: str) -> Path:
     """The file a manifest entry names, refused unless it is a regular file inside the folder: an entry that
     is a link to a file elsewhere (a hostile download) is never followed, read or hashed."""
     path = folder / rel
-    if not path.is_file():
-        raise ManifestError(f"export folder {folder} is incomplete: {rel} is missing. Re-export it.")
-    if path.is_symlink() or not path.resolve().is_relative_to(root):
+    try:
+        if not path.is_file():
+            raise ManifestError(f"export folder {folder} is incomplete: {rel} is missing. Re-export it.")
+        inside = path.resolve().is_relative_to(root)
+    except OSError as exc:  # a name too long, a folder that cannot be read
+        raise ManifestError(f"export folder {folder}: cannot read {rel} ({exc.strerror or exc})") from None
+    if not inside:
         raise ManifestError(
             f"export folder {folder}: {rel} is a link to a file outside the folder; refusing it"
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 import threading
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -93,10 +94,16 @@ class Model:
             return self.tokenizer.encode(text, add_special_tokens=False).ids
         # Those contents become markers in the rendered text; the template around them is encoded as usual,
         # each content on its own with special tokens read as plain text.
-        marked = [{**m, "content": f"\ue000{i}\ue001"} if i in forged else m for i, m in enumerate(messages)]
+        nonce = secrets.token_hex(8)  # markers no message holds, by chance or on purpose
+        marked = [
+            {**m, "content": f"\ue000{nonce}:{i}\ue001"} if i in forged else m for i, m in enumerate(messages)
+        ]
         text = self.apply_chat_template(marked, add_generation_prompt)
         ids, position, literal = [], 0, self._literal_tokenizer()
-        for match in re.finditer("\ue000(\\d+)\ue001", text):
+        matches = list(re.finditer(f"\ue000{nonce}:(\\d+)\ue001", text))
+        if sorted(int(m.group(1)) for m in matches) != sorted(forged):
+            raise ChatTemplateError("the chat template changes message contents; cannot encode them as text")
+        for match in matches:
             ids += self.tokenizer.encode(text[position : match.start()], add_special_tokens=False).ids
             ids += literal.encode(forged[int(match.group(1))], add_special_tokens=False).ids
             position = match.end()
@@ -173,7 +180,9 @@ class Model:
         history = tool_calling.render_messages(messages, parsed)
         response_format = tool_calling.grammar(parsed, tool_choice, parallel_tool_calls)
         text = self.generate(history, response_format=response_format, **kwargs)
-        calls = tool_calling.parse_calls(text)
+        calls = None if tool_choice == "none" else tool_calling.parse_calls(text, parsed)
+        if calls == []:  # the trained "no call needed": an empty block, no text
+            return "", []
         return (text, []) if calls is None else (None, calls)
 
     def conversation(self, reuse_generated: bool = False) -> Conversation:

@@ -128,7 +128,7 @@ def _read_members(path: Path, archive: zipfile.ZipFile, key: dict[str, Any]) -> 
     layers, heads, head_dim = key["kv_shape"]
     if set(members) != {META_MEMBER, "tokens.npy", *(f"kv_{i}.npy" for i in range(2 * layers))}:
         raise PromptCacheError(f"{path} is damaged (its arrays do not match the export); delete it")
-    tokens = _array(archive, "tokens.npy", np.int64)
+    tokens = _array(archive, "tokens.npy", np.int64, path=path)
     if tokens.ndim != 1 or not len(tokens) or tokens.min() < 0:
         raise PromptCacheError(f"{path} is damaged (its token ids); delete it")
     ids = [int(t) for t in tokens]
@@ -147,7 +147,7 @@ def _array(
             raise ValueError(f"{name} has .npy format version {version}")
         header = READ_HEADER[version](f)  # (shape, fortran_order, dtype)
         if header[2] != np.dtype(dtype) or header[1] or (shape is not None and header[0] != shape):
-            raise PromptCacheError(f"{path} is damaged (its arrays do not match its token count); delete it")
+            raise PromptCacheError(f"{path} is damaged ({name} does not match the export); delete it")
         count = int(np.prod(header[0], dtype=np.int64))
         data = f.read(count * header[2].itemsize)
     array = np.frombuffer(data, dtype=header[2], count=count)

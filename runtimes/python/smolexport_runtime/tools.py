@@ -114,8 +114,7 @@ def call_block(calls: Sequence[ToolCall]) -> str:
 def grammar(tools: Sequence[Tool], tool_choice: Any = "auto", parallel: bool = True) -> dict[str, str]:
     """A Lark response_format for `tool_choice`: each call is a JSON object whose name is one of the tools
     and whose arguments follow that tool's schema."""
-    if isinstance(tool_choice, Mapping):  # OpenAI's {"type": "function", "function": {"name": ...}}
-        tool_choice = (tool_choice.get("function") or {}).get("name")
+    tool_choice = choice_name(tool_choice)
     names = [t.name for t in tools]
     if tool_choice not in ("auto", "required", "none") and tool_choice not in names:
         raise ConstraintError(
@@ -125,6 +124,8 @@ def grammar(tools: Sequence[Tool], tool_choice: Any = "auto", parallel: bool = T
     # At most MAX_PARALLEL_CALLS calls: a small model may otherwise repeat the same call until max_new_tokens.
     counts = range(1, (MAX_PARALLEL_CALLS if parallel else 1) + 1)
     calls = "(" + " | ".join(" ".join(["call", *['", " call'] * (n - 1)]) for n in counts) + ")"
+    if tool_choice == "auto":  # the trained prompt's "no call needed": an empty list
+        calls += "?"
     rules = [
         f'block: "{CALL_OPEN}[" {calls} "]{CALL_CLOSE}"',
         "call: " + " | ".join(f"c{i}" for i in range(len(allowed))),
@@ -140,26 +141,49 @@ def grammar(tools: Sequence[Tool], tool_choice: Any = "auto", parallel: bool = T
         }
         rules.append(f"c{i}: %json {json.dumps(schema)}")
     # Text must not start with "<": an answer that starts a tool-call block has to finish it.
-    text = r"TEXT: /[^<](.|\n)*/"
+    # Only an answer that starts with the block is read as calls (parse_calls): text may not start with
+    # a space before one.
+    text = r"TEXT: /[^<\s](.|\n)*/"
     start = {"none": "start: TEXT", "auto": "start: block | TEXT"}.get(tool_choice, "start: block")
     return {"type": "lark", "grammar": "\n".join([start, *rules, text]) + "\n"}
 
 
-def parse_calls(text: str) -> list[ToolCall] | None:
-    """The tool calls in an answer, or None when it is text. Raises ConstraintError for a block cut short."""
-    stripped = text.strip()
-    if not stripped.startswith(CALL_OPEN):
+def parse_calls(text: str, tools: Sequence[Tool] | None = None) -> list[ToolCall] | None:
+    """The tool calls of an answer that starts with a call block (as the grammar writes them), or None for a
+    text answer; [] for the empty list the trained prompt allows. Raises ConstraintError for a block that
+    was cut short or names no tool of `tools`."""
+    if not text.startswith(CALL_OPEN):
         return None
-    if not stripped.endswith(CALL_CLOSE):
+    body = text.rstrip()
+    if not body.endswith(CALL_CLOSE):
         raise ConstraintError("the answer's tool-call block was cut before it closed (raise max_new_tokens?)")
-    calls = json.loads(stripped[len(CALL_OPEN) : -len(CALL_CLOSE)])
-    return [ToolCall(c["name"], c["arguments"]) for c in calls]
+    try:
+        items = json.loads(body[len(CALL_OPEN) : -len(CALL_CLOSE)])
+        calls = [ToolCall(item["name"], item["arguments"]) for item in items]
+    except (ValueError, KeyError, TypeError):
+        raise ConstraintError("the answer's tool-call block is not a list of calls") from None
+    names = None if tools is None else {t.name for t in tools}
+    if any(not isinstance(c.arguments, dict) or (names is not None and c.name not in names) for c in calls):
+        raise ConstraintError("the answer calls a tool that is not defined, or without an argument object")
+    return calls
+
+
+def choice_name(tool_choice: Any) -> Any:
+    """tool_choice as a string: OpenAI's {"type": "function", "function": {"name": ...}} gives the name."""
+    if isinstance(tool_choice, Mapping):
+        function = tool_choice.get("function")
+        if not isinstance(function, Mapping) or not isinstance(function.get("name"), str):
+            raise ConstraintError("tool_choice must be {'type': 'function', 'function': {'name': ...}}")
+        return function["name"]
+    return tool_choice
 
 
 def _openai_calls(tool_calls: Sequence[Any]) -> list[ToolCall]:
     calls = []
     for call in tool_calls:
-        function = call.get("function", call) if isinstance(call, Mapping) else {}
+        function = call.get("function", call) if isinstance(call, Mapping) else None
+        if not isinstance(function, Mapping) or not isinstance(function.get("name"), str):
+            raise ConstraintError("each tool call needs a function with a name")
         arguments = function.get("arguments", {})
         if isinstance(arguments, str):
             try:
