@@ -86,16 +86,26 @@ def generate_cached(
 
 def draft_from_context(tokens: Sequence[int], size: int, limit: int, longest: int = 3) -> list[int]:
     """Up to `size` tokens (and `limit`) that followed the latest earlier occurrence of the text's last n
-    tokens (n = `longest` down to 1): what an answer that quotes or rewrites its input likely says next."""
+    tokens (the largest n up to `longest` that occurs): what an answer that quotes or rewrites its input
+    likely says next. One pass over the text, comparing further back only where the last token matches:
+    this runs every decode step."""
     size = min(size, limit)
-    if size <= 0:
+    last = len(tokens) - 1
+    top = min(longest, last)
+    if size <= 0 or top <= 0:
         return []
-    for n in range(min(longest, len(tokens) - 1), 0, -1):
-        tail = list(tokens[-n:])
-        for start in range(len(tokens) - n - 1, -1, -1):
-            if list(tokens[start : start + n]) == tail:
-                return list(tokens[start + n : start + n + size])
-    return []
+    best_n, best_end = 0, -1
+    for end in range(last - 1, -1, -1):  # latest first: the first end to reach a length is the latest
+        if tokens[end] != tokens[last]:
+            continue
+        n = 1
+        while n < top and end - n >= 0 and tokens[end - n] == tokens[last - n]:
+            n += 1
+        if n > best_n:
+            best_n, best_end = n, end
+            if n == top:
+                break
+    return list(tokens[best_end + 1 : best_end + 1 + size]) if best_n else []
 
 
 class Conversation:
@@ -213,7 +223,7 @@ class Conversation:
             if state.length < len(ids):
                 state.extend(ids[state.length :])
             arrays = _cache_arrays(state, len(ids))
-        write_prompt_cache(Path(path), self._key(), ids, arrays)
+        write_prompt_cache(path, self._key(), ids, arrays)
         return len(ids)
 
     def load_prefix(self, path: str | Path) -> int:
@@ -229,7 +239,6 @@ class Conversation:
         (a missing, stale or damaged prompt cache file is rewritten;
         any other file is refused). Returns True when the file was used."""
         path = Path(path)
-        refuse_foreign_file(path)
         ids = self.model.encode(prompt, chat, add_generation_prompt=False)
         if path.is_file():
             try:
