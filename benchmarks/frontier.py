@@ -60,6 +60,9 @@ OURS = {
     "smolexport int4 --preset rtn": ["--quant", "int4", "--preset", "rtn"],
     "smolexport int4 (default)": ["--quant", "int4"],
     "smolexport int4 --preset quality": ["--quant", "int4", "--preset", "quality"],
+    # issue 24: wider blocks for the feed-forward matrices (three quarters of the weights), fewer bytes a token
+    "smolexport int4 --ffn-block-size 64": ["--quant", "int4", "--ffn-block-size", "64"],
+    "smolexport int4 --ffn-block-size 128": ["--quant", "int4", "--ffn-block-size", "128"],
     "smolexport int8 --preset rtn": ["--quant", "int8", "--preset", "rtn"],
     "smolexport int8 (default)": ["--quant", "int8"],
 }
@@ -71,7 +74,7 @@ GENAI = {  # name -> (precision, extra options of onnxruntime-genai's builder)
 GGUF = {"llama.cpp Q4_0": "Q4_0", "llama.cpp Q4_K_M": "Q4_K_M", "llama.cpp Q8_0": "Q8_0"}
 
 
-def build(extra: dict[str, list[str]]) -> list[dict]:
+def build(extra: dict[str, list[str]], ours_only: bool = False) -> list[dict]:
     OUT.mkdir(parents=True, exist_ok=True)
     variants = []
     for name, flags in {**OURS, **extra}.items():
@@ -79,6 +82,8 @@ def build(extra: dict[str, list[str]]) -> list[dict]:
         if not (path / "smolexport.json").exists():
             run([VENV / "smolexport", "onnx", "--model", WEIGHTS, *flags, "--output", path, "--force", "-q"])
         variants.append({"name": name, "kind": "ours", "path": path})
+    if ours_only:
+        return variants
     for name, (precision, options) in GENAI.items():
         path = build_genai(WEIGHTS, OUT / slug(name), precision, OUT / "genai-cache", options)
         variants.append({"name": name, "kind": "genai", "path": path})
@@ -217,6 +222,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15, help="rounds of the interleaved decode measurement")
     parser.add_argument("--extra", nargs="*", default=[], metavar="NAME=FLAGS")
     parser.add_argument("--only-fidelity", action="store_true", help="skip the speed runs")
+    parser.add_argument("--ours-only", action="store_true", help="only our variants, fidelity only (no peers)")
     parser.add_argument("--output", type=Path, default=BENCH / "results")
     parser.add_argument("--replot", action="store_true", help="only redraw the plot from results/frontier-135m.json")
     args = parser.parse_args()
@@ -226,7 +232,8 @@ def main() -> None:
         plot(data["rows"], ROOT / "docs" / "quantization-frontier.svg", title)
         return
     extra = {name: shlex.split(flags) for name, flags in (e.split("=", 1) for e in args.extra)}
-    variants = build(extra)
+    args.only_fidelity = args.only_fidelity or args.ours_only  # the decode ratios need the peers
+    variants = build(extra, args.ours_only)
     tmp = OUT / "runs"
     tmp.mkdir(exist_ok=True)
     segments, references = reference()
@@ -253,6 +260,7 @@ def main() -> None:
         rows.append(row)
     stamp = datetime.date.today().isoformat()
     command = f"benchmarks/frontier.py --runs {args.runs} --rounds {args.rounds}{' --extra ...' if extra else ''}"
+    command += " --ours-only" if args.ours_only else ""
     header = f"<!-- {stamp}, {cpu}, `{command}` -->\n**SmolLM2-135M-Instruct, dev set, 2 threads** ({cpu})"
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "frontier-135m.json").write_text(json.dumps({"cpu": cpu, "date": stamp, "rows": rows}, indent=1))

@@ -14,6 +14,7 @@ from types import ModuleType
 import click
 
 from .cli_errors import user_errors
+from .cli_options import speculation_options
 from .errors import SmolexportError
 
 
@@ -92,17 +93,40 @@ _threads = click.option("--threads", type=click.IntRange(1), default=None, help=
     default=None,
     help="Tokens per request (prompt + answer), each slot's KV buffer; default 2048 or the model's if shorter.",
 )
+@click.option(
+    "--timeout",
+    type=click.FloatRange(0.1),
+    default=60.0,
+    show_default=True,
+    help="Seconds a request may take to arrive (head and body); slower ones are cut off.",
+)
+@click.option(
+    "--max-connections",
+    type=click.IntRange(1),
+    default=512,
+    show_default=True,
+    help="Open connections served at once; past them requests get 503.",
+)
+@speculation_options("For a greedy request decoding alone")
 @_provider
 @_threads
 @click.option("--quiet", "-q", is_flag=True, help="Do not log requests.")
 @user_errors
 def serve_command(
     export_dir, host, port, api_key, model_name, default_max_tokens, default_temperature, max_batch, max_queue,
-    context, provider, threads, quiet,
+    context, timeout, max_connections, prompt_lookup, draft_model, draft_tokens, provider, threads, quiet,
 ):  # fmt: skip
     """Serve an export with an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models)."""
-    server_module = sample_app("openai_server")
+    try:
+        server_module = sample_app("openai_server")
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("starlette", "uvicorn", "h11"):
+            raise
+        raise SmolexportError(
+            f"the server needs starlette and uvicorn ({exc.name} is missing): pip install 'smolexport[apps]'"
+        ) from None
     model = _load_model(export_dir, provider, threads)
+    drafter = _load_model(draft_model, provider, threads) if draft_model is not None else None
     try:
         server = server_module.make_server(
             export_dir,
@@ -117,6 +141,11 @@ def serve_command(
             max_queue=max_queue,
             context=context,
             log_requests=not quiet,
+            timeout=timeout,
+            max_connections=max_connections,
+            prompt_lookup=prompt_lookup,
+            draft_model=drafter,
+            draft_tokens=draft_tokens,
         )
     except OSError as exc:
         raise SmolexportError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
@@ -144,11 +173,17 @@ def serve_command(
     help="File for the system prompt's KV cache: loaded at start (or computed and saved), so the first "
     "answer does not prefill the system prompt.",
 )
+@click.option(
+    "--tools",
+    is_flag=True,
+    help="Offer the model a calculator and the current time (tool_choice auto); calls and results are shown. "
+    "Needs llguidance (pip install 'smolexport-runtime[structured]').",
+)
 @_provider
 @_threads
 @user_errors
-def chat_command(export_dir, system, max_new_tokens, temperature, top_p, seed, prompt_cache, provider, threads):
-    """Chat with an export in the terminal (multi-turn; /reset, /system TEXT, /exit)."""
+def chat_command(export_dir, system, max_new_tokens, temperature, top_p, seed, prompt_cache, tools, provider, threads):
+    """Chat with an export in the terminal (multi-turn; /reset, /system TEXT, /exit; --tools)."""
     chat_module = sample_app("terminal_chat")
     model = _load_model(export_dir, provider, threads)
     chat_module.chat(
@@ -159,4 +194,5 @@ def chat_command(export_dir, system, max_new_tokens, temperature, top_p, seed, p
         top_p=top_p,
         seed=seed,
         prompt_cache=prompt_cache,
+        tools=tools,
     )

@@ -15,7 +15,7 @@ from smolexport_runtime.manifest import load_manifest
 
 from .errors import SmolexportError
 
-SCENARIOS = ("speed", "chat", "cold", "serve")
+SCENARIOS = ("speed", "chat", "cold", "structured", "serve")
 
 
 def run_bench(
@@ -27,10 +27,13 @@ def run_bench(
     scenarios: tuple[str, ...] = ("speed",),
     clients: int = 8,
     serve_tokens: int = 128,
+    serve_constrained: bool = False,
 ) -> dict:
     """The chosen workloads, each in processes of its own: `speed` (time to first token, decode, memory),
     `chat` (a replayed 8-turn chat, time to first token per turn with and without prefix reuse), `cold`
-    (process start to first token), `serve` (N concurrent streaming clients against `smolexport serve`)."""
+    (process start to first token), `structured` (constrained decoding: schema compile time, mask time per
+    token, tokens/s of JSON against free text), `serve` (N concurrent streaming clients against
+    `smolexport serve`)."""
     load_manifest(export_dir)  # a damaged or missing export fails here with a clear message
     result: dict = {}
     common = ["--threads", str(threads), "--runs", str(runs), "--providers", provider]
@@ -40,12 +43,15 @@ def run_bench(
         result["chat"] = _runtime_process("bench_chat", export_dir, common)
     if "cold" in scenarios:
         result.update(_runtime_process("bench_chat", export_dir, [*common, "--cold"]))
+    if "structured" in scenarios:
+        result["structured"] = _runtime_process("bench_structured", export_dir, common)
     if "serve" in scenarios:
         from .bench_serve import run_serve_bench
 
         result["serve"] = run_serve_bench(
-            export_dir, clients=clients, tokens=serve_tokens, threads=threads, provider=provider
-        )
+            export_dir, clients=clients, tokens=serve_tokens, threads=threads, provider=provider,
+            constrained=serve_constrained,
+        )  # fmt: skip
     return result
 
 

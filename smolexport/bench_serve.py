@@ -5,6 +5,10 @@ clients are threads here. Each client asks a different question for `tokens` gre
 is sent alone, one after another: that gives one client's tokens/s and each answer's reference text. Then all
 at once: aggregate tokens/s (tokens / wall time), time to first token per client (p50, p95), and whether every
 answer equals its alone answer and none was lost.
+
+With `constrained`, every request asks for JSON held to a small schema (OpenAI's response_format json_schema,
+streamed, as an extraction or summary endpoint would), so each token is sampled under a grammar mask: this
+measures what batching gains when each client also pays the mask's CPU time per token.
 """
 
 from __future__ import annotations
@@ -32,6 +36,20 @@ QUESTIONS = [
     "Explain why the seasons change during the year.",
     "Describe how to plan a small vegetable garden.",
 ]
+# A summary card of the answer: short strings, an enum, a bounded list and a number.
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "title": {"type": "string", "maxLength": 60},
+        "topic": {"type": "string", "enum": ["story", "science", "travel", "food", "history", "howto"]},
+        "key_points": {"type": "array", "items": {"type": "string", "maxLength": 80}, "minItems": 1, "maxItems": 4},
+        "difficulty": {"type": "integer", "minimum": 1, "maximum": 5},
+    },
+    "required": ["title", "topic", "key_points", "difficulty"],
+    "additionalProperties": False,
+}
+RESPONSE_FORMAT = {"type": "json_schema", "json_schema": {"name": "summary", "schema": SCHEMA, "strict": True}}
+JSON_INSTRUCTION = " Answer as JSON: a title, the topic, up to four key points and a difficulty from 1 to 5."
 
 
 @dataclass
@@ -49,11 +67,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def stream_chat(port: int, model: str, question: str, max_tokens: int) -> ClientResult:
+def stream_chat(
+    port: int, model: str, question: str, max_tokens: int, response_format: dict | None = None
+) -> ClientResult:
     """One streaming chat completion: its text, token count (from usage), time to first content, total time."""
     result = ClientResult()
     body = {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    if response_format is not None:
+        body["response_format"] = response_format
     start = time.perf_counter()
     try:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
@@ -111,17 +133,23 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def run_serve_bench(
-    export_dir: Path, clients: int = 8, tokens: int = 128, threads: int = 2, provider: str = "cpu"
+    export_dir: Path,
+    clients: int = 8,
+    tokens: int = 128,
+    threads: int = 2,
+    provider: str = "cpu",
+    constrained: bool = False,
 ) -> dict:
-    questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(clients)]
+    questions = [QUESTIONS[i % len(QUESTIONS)] + (JSON_INSTRUCTION if constrained else "") for i in range(clients)]
+    response_format = RESPONSE_FORMAT if constrained else None
     server, port = start_server(export_dir, threads, clients, provider)
     try:
-        stream_chat(port, "bench", questions[0], 8)  # warm-up
-        alone = [stream_chat(port, "bench", q, tokens) for q in questions]
+        stream_chat(port, "bench", questions[0], 8, response_format)  # warm-up
+        alone = [stream_chat(port, "bench", q, tokens, response_format) for q in questions]
         results: list[ClientResult] = [ClientResult()] * clients
 
         def client(i: int) -> None:
-            results[i] = stream_chat(port, "bench", questions[i], tokens)
+            results[i] = stream_chat(port, "bench", questions[i], tokens, response_format)
 
         workers = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
         start = time.perf_counter()
@@ -139,8 +167,9 @@ def run_serve_bench(
     one_client = sum(r.tokens for r in alone) / sum(r.total_s for r in alone)
     aggregate = sum(r.tokens for r in results) / wall
     ttfts = [r.ttft_s for r in results]
-    return {
+    summary = {
         "clients": clients,
+        "constrained": constrained,
         "max_tokens": tokens,
         "tokens_generated": sum(r.tokens for r in results),
         "one_client_tok_s": round(one_client, 1),
@@ -152,3 +181,14 @@ def run_serve_bench(
         "identical_to_alone": sum(a.text == r.text for a, r in zip(alone, results, strict=True)),
         "lost": sum(1 for r in results if r.tokens == 0),
     }
+    if constrained:  # answers cut at max_tokens are not complete JSON; the others must match the schema
+        summary["complete_json"] = sum(1 for r in results if _summary_card(r.text))
+    return summary
+
+
+def _summary_card(text: str) -> bool:
+    try:
+        card = json.loads(text)
+    except ValueError:
+        return False
+    return isinstance(card, dict) and set(card) == set(SCHEMA["required"]) and 1 <= card["difficulty"] <= 5

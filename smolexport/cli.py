@@ -11,6 +11,7 @@ import click
 
 from . import __version__
 from .cli_errors import user_errors
+from .cli_options import speculation_options
 from .errors import UsageError
 from .onnx.export import ALGOS, QUANT_MODES, SCALE_FORMATS, OnnxExportOptions, export_onnx
 from .onnx.presets import PRESETS
@@ -70,6 +71,14 @@ def main():
     type=click.Choice(["16", "32", "64", "128", "256"]),
     default=None,
     help="Block size of int4/int8 weight quantization  [default: the preset's, else 32]",
+)
+@click.option(
+    "--ffn-block-size",
+    type=click.Choice(["16", "32", "64", "128", "256"]),
+    default=None,
+    help="Block size of the feed-forward matrices (gate/up/down, three quarters of the weights) where they keep "
+    "the export's bits: wider blocks read fewer bytes per token (docs/quantization.md)  [default: the preset's, "
+    "else --block-size]",
 )
 @click.option(
     "--scales",
@@ -152,6 +161,7 @@ def onnx_command(
     preset,
     output,
     block_size,
+    ffn_block_size,
     scales,
     lm_head_bits,
     context_length,
@@ -169,6 +179,7 @@ def onnx_command(
     options = OnnxExportOptions(
         quant=quant,
         block_size=int(block_size) if block_size else None,
+        ffn_block_size=int(ffn_block_size) if ffn_block_size else None,
         scales=scales,
         lm_head_bits=int(lm_head_bits) if lm_head_bits else None,
         context_length=context_length,
@@ -208,21 +219,13 @@ def onnx_command(
     default=None,
     help="Constrain the answer to this JSON Schema (a .json file).",
 )
-@click.option(
-    "--prompt-lookup",
-    type=click.IntRange(0, 64),
-    default=0,
-    show_default=True,
-    metavar="N",
-    help="Greedy only: check up to N tokens copied from the prompt per step (faster on answers that quote or "
-    "rewrite their input; the same text on float exports).",
-)
+@speculation_options("Greedy only")
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--threads", type=click.IntRange(1), default=None)
 @user_errors
 def run_command(
     export_dir, prompt, max_new_tokens, greedy, temperature, top_k, top_p, seed, system, raw, stop, schema_file,
-    prompt_lookup, provider, threads,
+    prompt_lookup, draft_model, draft_tokens, provider, threads,
 ):  # fmt: skip
     """Generate an answer to PROMPT with an export; prints only the generated text on stdout."""
     from smolexport_runtime import load
@@ -240,6 +243,7 @@ def run_command(
         except (ValueError, OSError) as exc:
             raise UsageError(f"--json-schema {schema_file} is not a JSON file: {exc}") from None
     model = load(export_dir, providers=provider, threads=threads)
+    drafter = load(draft_model, providers=provider, threads=threads) if draft_model is not None else None
     if raw:
         request = prompt
     else:
@@ -248,7 +252,8 @@ def run_command(
     sampling = {key: value for key, value in sampling.items() if value is not None}
     for piece in model.stream(
         request, max_new_tokens=max_new_tokens, greedy=greedy, seed=seed, stop=list(stop), chat=not raw,
-        response_format=schema, prompt_lookup=prompt_lookup, **sampling,
+        response_format=schema, prompt_lookup=prompt_lookup, draft_model=drafter, draft_tokens=draft_tokens,
+        **sampling,
     ):  # fmt: skip
         click.echo(piece, nl=False)
     click.echo()
@@ -416,18 +421,26 @@ def coreml_command(model, quant, output, context_length, algo, block_size, all_l
 @click.option(
     "--scenario",
     "scenarios",
-    type=click.Choice(["speed", "chat", "cold", "serve", "all"]),
+    type=click.Choice(["speed", "chat", "cold", "structured", "serve", "all"]),
     multiple=True,
     default=["speed"],
     show_default=True,
     help="speed: TTFT, decode, memory; chat: a replayed 8-turn chat (TTFT per turn, with and without prefix "
-    "reuse); cold: process start to first token; serve: concurrent streaming clients. Repeat or use 'all'.",
+    "reuse); cold: process start to first token; structured: JSON-schema constrained decoding (compile time, "
+    "mask time per token, tokens/s against free text); serve: concurrent streaming clients. Repeat or use 'all'.",
 )
 @click.option("--clients", type=click.IntRange(1, 64), default=8, show_default=True, help="Clients for 'serve'.")
 @click.option("--serve-tokens", type=click.IntRange(1), default=128, show_default=True, help="Tokens per client.")
+@click.option(
+    "--constrained",
+    is_flag=True,
+    help="'serve': every client asks for JSON held to a schema (response_format json_schema, streamed).",
+)
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the results here.")
 @user_errors
-def bench_command(export_dir, threads, runs, context, provider, scenarios, clients, serve_tokens, json_out):
+def bench_command(
+    export_dir, threads, runs, context, provider, scenarios, clients, serve_tokens, constrained, json_out
+):  # fmt: skip
     """Time to first token, decode speed, peak memory, size; multi-turn chat, cold start and concurrent
     clients with --scenario. Each workload runs in processes of its own."""
     from .bench import SCENARIOS, run_bench
@@ -435,7 +448,8 @@ def bench_command(export_dir, threads, runs, context, provider, scenarios, clien
     writable(json_out)
     chosen = SCENARIOS if "all" in scenarios else tuple(scenarios)
     result = run_bench(export_dir, threads=threads, runs=runs, context=context, provider=provider,
-                       scenarios=chosen, clients=clients, serve_tokens=serve_tokens)  # fmt: skip
+                       scenarios=chosen, clients=clients, serve_tokens=serve_tokens,
+                       serve_constrained=constrained)  # fmt: skip
     if json_out:
         json_out.write_text(json.dumps(result, indent=2) + "\n")
     for key, value in result.items():

@@ -5,6 +5,7 @@
     python worker.py quantize SRC.gguf DST.gguf TYPE                # llama.cpp's quantizer (Q4_0, Q4_K_M, Q8_0)
     python worker.py chat BACKEND MODEL WORKLOAD.json OUT.json      # replayed chat with prefix reuse, decode
     python worker.py cold BACKEND MODEL IDS.json                    # load, then print "first-token"
+    python worker.py decode BACKEND MODEL WORKLOAD.json OUT.json     # decode bursts only (decode_ab.py)
 
 BACKEND: llamacpp (a .gguf, llama-cpp-python), genai (an onnxruntime-genai model-builder folder, its generate
 API), optimum (an optimum ONNX export folder, ORTModelForCausalLM), torch (a HF folder, transformers eager fp32).
@@ -298,6 +299,24 @@ def cmd_speed(backend: str, model: str, workload_file: str, out: str) -> None:
     print(json.dumps(result))
 
 
+def cmd_decode(backend: str, model: str, workload_file: str, out: str) -> None:
+    """Decode speed alone: a warm-up burst, then `bursts` bursts that each prefill the chat prompt and decode
+    `decode_tokens` greedily (tokens/s of each); benchmarks/decode_ab.py runs this once per model and round."""
+    w = json.loads(Path(workload_file).read_text())
+    runner = BACKENDS[backend](model, context=w["context"])
+
+    def burst(tokens: int) -> float:
+        token = runner.prefill(w["chat_ids"])
+        start = time.perf_counter()
+        for _ in range(tokens):
+            token = runner.step(token)
+        return tokens / (time.perf_counter() - start)
+
+    burst(8)
+    speeds = [burst(w["decode_tokens"]) for _ in range(w["bursts"])]
+    Path(out).write_text(json.dumps({"decode_tok_s": speeds, "peak_rss_mb": peak_rss_mb()}) + "\n")
+
+
 def cmd_interleaved(workload_file: str, out: str, *models: str) -> None:
     """Decode speed of several models loaded in one process, measured in alternation: each round runs every
     model once (prefill the chat prompt, decode `decode_tokens` greedily), so that a slow spell of a shared
@@ -446,6 +465,7 @@ def main(argv: list[str]) -> None:
         "chat": cmd_chat,
         "cold": cmd_cold,
         "interleaved": cmd_interleaved,
+        "decode": cmd_decode,
     }
     commands[command](*args)
 

@@ -5,6 +5,8 @@
 Loading and generation run on worker threads (QThread) and report back through signals, so the window
 stays responsive; answers stream in token by token and the Stop button ends one at the next token.
 The conversation (with the system prompt) goes through the model's chat template on every turn.
+The "Tools" box offers the model a calculator and the current time (sample_apps/builtin_tools.py): a call
+it makes is shown with its arguments, run, its result shown and sent back, then its answer streams.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,7 @@ from PySide6.QtCore import QThread, Signal, Slot
 from PySide6.QtGui import QColor, QFont, QTextCharFormat, QTextCursor
 from PySide6.QtWidgets import (
     QApplication,
+    QCheckBox,
     QDoubleSpinBox,
     QFileDialog,
     QHBoxLayout,
@@ -33,19 +37,27 @@ from PySide6.QtWidgets import (
 )
 from smolexport_runtime import Model, SmolexportRuntimeError, load
 
-Message = dict[str, str]
+from ..builtin_tools import render, stream_with_tools, without_tool_turns
+
+Message = dict[str, Any]
 
 
-def fit_history(model: Model, messages: list[Message], reserve: int) -> list[Message]:
+def fit_history(
+    model: Model, messages: list[Message], reserve: int, render: Callable[[list[Message]], list] | None = None
+) -> list[Message]:
     """Drops the oldest turns (never the system prompt or the newest message) until the prompt leaves
     `reserve` tokens of the context free for the answer. Renders the chat template at least once, so that a
-    model without one (or a template that refuses the messages) raises ChatTemplateError here."""
+    model without one (or a template that refuses the messages) raises ChatTemplateError here. `render`: the
+    messages as the model sees them, to count (with tools: the tools' system prompt, calls and results)."""
     if model.context_length is None:
         return messages
     system = [m for m in messages[:1] if m["role"] == "system"]
     turns = messages[len(system) :]
-    while len(model.encode(system + turns, chat=True)) > model.context_length - reserve and len(turns) > 1:
-        turns = turns[2:] if len(turns) > 2 else turns[1:]
+    limit = model.context_length - reserve
+    while len(model.encode((render or list)(system + turns), chat=True)) > limit and len(turns) > 1:
+        turns = turns[1:]  # the oldest question, and all that answered it (tool calls and results too)
+        while len(turns) > 1 and turns[0]["role"] != "user":
+            turns = turns[1:]
     return system + turns
 
 
@@ -69,14 +81,26 @@ class LoadThread(QThread):
 
 
 class GenerationThread(QThread):
-    """Streams one answer; `piece` carries each new piece of text, `done` the outcome."""
+    """Streams one answer; `piece` carries each new piece of text, `tool_event` each tool call and result
+    (with `tools`), `done` the outcome."""
 
     piece = Signal(str)
-    done = Signal(object)  # a dict: {"text", "stopped", "error", "stats"}
+    tool_event = Signal(str, str)  # "call" and `name({arguments})`, or "result" and the result's text
+    done = Signal(object)  # a dict: {"text", "stopped", "error", "stats", "added"}
 
-    def __init__(self, model: Model, messages: list[Message], options: dict[str, Any], parent=None) -> None:
+    def __init__(
+        self,
+        model: Model,
+        messages: list[Message],
+        options: dict[str, Any],
+        parent=None,
+        *,
+        tools: bool = False,
+        tool_choice: Any = "auto",
+    ) -> None:
         super().__init__(parent)
         self.model, self.messages, self.options = model, messages, options
+        self.tools, self.tool_choice = tools, tool_choice
         self._stop = threading.Event()
 
     def stop(self) -> None:
@@ -84,17 +108,22 @@ class GenerationThread(QThread):
 
     def run(self) -> None:
         text, error, stats = [], None, None
+        added: list[Message] = []  # with tools: the calls and their results, before the answer
         try:
-            pieces = self.model.stream(self.messages, **self.options)
-            stats = self.model.last_stats
-            try:
-                for piece in pieces:
-                    if self._stop.is_set():
-                        break
-                    text.append(piece)
-                    self.piece.emit(piece)
-            finally:
-                pieces.close()  # ends the decoder loop at once
+            if self.tools:
+                self._run_with_tools(text, added)
+                stats = self.model.last_stats  # the last generation's: the final answer
+            else:
+                pieces = self.model.stream(self.messages, **self.options)
+                stats = self.model.last_stats
+                try:
+                    for piece in pieces:
+                        if self._stop.is_set():
+                            break
+                        text.append(piece)
+                        self.piece.emit(piece)
+                finally:
+                    pieces.close()  # ends the decoder loop at once
         except SmolexportRuntimeError as exc:
             error = str(exc)
         except Exception as exc:
@@ -105,15 +134,31 @@ class GenerationThread(QThread):
                 "stopped": self._stop.is_set(),
                 "error": error,
                 "stats": None if stats is None else dict(vars(stats)),
+                "added": added,
             }
         )
+
+    def _run_with_tools(self, text: list[str], added: list[Message]) -> None:
+        events = stream_with_tools(self.model, self.messages, added, tool_choice=self.tool_choice, **self.options)
+        try:
+            for event in events:
+                if self._stop.is_set():
+                    break
+                if event.kind == "text":
+                    text.append(event.text)
+                    self.piece.emit(event.text)
+                else:
+                    self.tool_event.emit(event.kind, event.text)
+        finally:
+            events.close()
 
 
 class ChatWindow(QMainWindow):
     """The chat window. Pass `model_dir` to load a folder, or an already loaded `model`."""
 
     piece_received = Signal(str)  # each streamed piece of the answer, as it is shown
-    answer_finished = Signal(object)  # after each answer: {"text", "stopped", "error", "stats"}
+    answer_finished = Signal(object)  # after each answer: {"text", "stopped", "error", "stats", "added"}
+    tool_shown = Signal(str, str)  # each tool call ("call", `name({arguments})`) and result ("result", text)
 
     def __init__(self, model_dir: str | None = None, *, model: Model | None = None, max_new_tokens: int = 512):
         super().__init__()
@@ -137,6 +182,11 @@ class ChatWindow(QMainWindow):
         self.max_tokens = QSpinBox()
         self.max_tokens.setRange(1, 8192)
         self.max_tokens.setValue(max_new_tokens)
+        self.tools_box = QCheckBox("Tools")
+        self.tools_box.setToolTip(
+            "Offer the model a calculator and the current time; its calls and their results are shown"
+        )
+        self.tool_choice: Any = "auto"  # or "required", a tool's name: what a turn with tools asks for
         self.new_button = QPushButton("New chat")
         self.new_button.clicked.connect(self.new_chat)
         self.transcript = QTextBrowser()
@@ -159,6 +209,7 @@ class ChatWindow(QMainWindow):
         settings.addWidget(self.temperature)
         settings.addWidget(QLabel("Max tokens:"))
         settings.addWidget(self.max_tokens)
+        settings.addWidget(self.tools_box)
         settings.addWidget(self.new_button)
         bottom = QHBoxLayout()
         bottom.addWidget(self.input, 1)
@@ -253,9 +304,13 @@ class ChatWindow(QMainWindow):
         self.history.append({"role": "user", "content": text})
         system = self.system_edit.text().strip()
         messages = ([{"role": "system", "content": system}] if system else []) + self.history
+        tools = self.tools_box.isChecked()
+        if not tools:  # tools switched off: the earlier turns' calls and results are left out
+            messages = without_tool_turns(messages)
         reserve = min(self.max_tokens.value(), (self.model.context_length or 4096) // 4)
         try:
-            messages = fit_history(self.model, messages, reserve)  # renders the chat template: it may refuse
+            # Renders the chat template: it may refuse.
+            messages = fit_history(self.model, messages, reserve, render if tools else None)
         except SmolexportRuntimeError as exc:  # e.g. a model without a chat template
             self.history.pop()  # the question was not asked: keep it in the input box instead
             self._note(f"error: {exc}")
@@ -267,8 +322,11 @@ class ChatWindow(QMainWindow):
         self._label("Assistant", "#2e7d32")
         options = {"max_new_tokens": self.max_tokens.value(), "temperature": self.temperature.value(), "top_p": 0.9}
         self._started = time.perf_counter()
-        self._generation = GenerationThread(self.model, messages, options, self)
+        self._generation = GenerationThread(
+            self.model, messages, options, self, tools=tools, tool_choice=self.tool_choice
+        )
         self._generation.piece.connect(self._on_piece)
+        self._generation.tool_event.connect(self._on_tool_event)
         self._generation.done.connect(self._on_done)
         self._generation.finished.connect(self._generation_finished)
         self._update_buttons()
@@ -279,6 +337,19 @@ class ChatWindow(QMainWindow):
     def _on_piece(self, piece: str) -> None:
         self._write(piece)
         self.piece_received.emit(piece)
+
+    @Slot(str, str)
+    def _on_tool_event(self, kind: str, text: str) -> None:
+        """A tool call (name and arguments) or its result, on a line of its own above the answer."""
+        cursor = self._cursor()
+        if cursor.block().text():
+            cursor.insertBlock()
+        fmt = QTextCharFormat()
+        fmt.setForeground(QColor("#6a1b9a"))
+        fmt.setFontFamilies(["monospace"])
+        cursor.insertText(("tool call: " if kind == "call" else "tool result: ") + text, fmt)
+        cursor.insertBlock()
+        self.tool_shown.emit(kind, text)
 
     @Slot()
     def stop(self) -> None:
@@ -293,6 +364,7 @@ class ChatWindow(QMainWindow):
             self._note(f"error: {result['error']}")
             self.statusBar().showMessage("Error")
         else:
+            self.history += result["added"]  # with tools: the calls and their results
             self.history.append({"role": "assistant", "content": result["text"]})
             stats = result["stats"] or {}
             if result["stopped"]:

@@ -1,5 +1,17 @@
-"""An OpenAI-compatible HTTP server for a smolexport export (standard library + smolexport_runtime)."""
+"""An OpenAI-compatible HTTP server for a smolexport export (smolexport_runtime, Starlette and uvicorn)."""
 
-from .server import ApiError, ModelService, OpenAIServer, make_server, serve
+from .protocol import ApiError, GenerationRequest, parse_request
+from .server import OpenAIServer, make_server, serve
+from .service import ModelService
+from .transport import create_app
 
-__all__ = ["ApiError", "ModelService", "OpenAIServer", "make_server", "serve"]
+__all__ = [
+    "ApiError",
+    "GenerationRequest",
+    "ModelService",
+    "OpenAIServer",
+    "create_app",
+    "make_server",
+    "parse_request",
+    "serve",
+]

@@ -8,33 +8,46 @@ Commands: /reset starts a new conversation, /system TEXT sets the system prompt 
 (so does end of input, Ctrl-D). Ctrl-C stops the answer being written and keeps what was written so far.
 
 Each turn passes the whole history to `model.stream`, which reuses the cached prefix and prefills only the
-new tokens. With `prompt_cache=FILE`, the system prompt's keys and values are loaded from FILE at start (or
+new tokens. With `tools=True` the model is offered a calculator and the current time (tool_choice "auto",
+sample_apps/builtin_tools.py): a call it makes is shown, run, its result shown and sent back, and its answer
+streams. With `prompt_cache=FILE`, the system prompt's keys and values are loaded from FILE at start (or
 computed and saved there), so the first answer does not pay for a long system prompt either.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from contextlib import suppress
 from pathlib import Path
 from typing import Any, TextIO
 
 from smolexport_runtime import Model, SmolexportRuntimeError
 
+from ..builtin_tools import render, stream_with_tools
+
 HELP = "commands: /reset new conversation, /system TEXT set the system prompt, /exit quit; Ctrl-C stops an answer"
 
 
-def fit_history(model: Model, messages: list[dict[str, str]], reserve: int) -> list[dict[str, str]]:
+def fit_history(
+    model: Model,
+    messages: list[dict[str, Any]],
+    reserve: int,
+    render: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] | None = None,
+) -> list[dict[str, Any]]:
     """Drops the oldest turns (never the system prompt or the newest message) until the prompt leaves
-    `reserve` tokens of the context free for the answer."""
+    `reserve` tokens of the context free for the answer. `render`: the messages as the model sees them, to
+    count (e.g. with the tools' system prompt)."""
     if model.context_length is None:
         return messages
     system = [m for m in messages[:1] if m["role"] == "system"]
     turns = messages[len(system) :]
     limit = model.context_length - reserve
-    while len(turns) > 1 and len(model.encode(system + turns, chat=True)) > limit:
-        turns = turns[2:] if len(turns) > 2 else turns[1:]  # a user message and the answer to it
+    while len(turns) > 1 and len(model.encode((render or list)(system + turns), chat=True)) > limit:
+        # A user message and what answered it (with tools: the calls, their results and the answer).
+        turns = turns[1:]
+        while len(turns) > 1 and turns[0]["role"] != "user":
+            turns = turns[1:]
     return system + turns
 
 
@@ -50,8 +63,11 @@ def chat(
     seed: int | None = None,
     read: Callable[[str], str] | None = None,
     prompt_cache: str | Path | None = None,
-) -> list[dict[str, str]]:
-    """Runs the chat until /exit or end of input; returns the conversation."""
+    tools: bool = False,
+    tool_choice: Any = "auto",
+) -> list[dict[str, Any]]:
+    """Runs the chat until /exit or end of input; returns the conversation. tools=True offers the built-in
+    tools (sample_apps/builtin_tools.py) under `tool_choice`."""
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
     if read is None:
@@ -62,7 +78,7 @@ def chat(
         else:
             read = _line_reader(stdin, stdout)
     system_prompt = system
-    history: list[dict[str, str]] = []
+    history: list[dict[str, Any]] = []
     options: dict[str, Any] = {
         "max_new_tokens": max_new_tokens,
         "temperature": temperature,
@@ -76,9 +92,10 @@ def chat(
         stdout.flush()
 
     def warm_start() -> None:
-        if prompt_cache and system_prompt:
+        if prompt_cache and (system_prompt or tools):  # with tools, the tools' system prompt is long
+            system = [{"role": "system", "content": system_prompt}] if system_prompt else []
             try:
-                model.warm_start(prompt_cache, [{"role": "system", "content": system_prompt}])
+                model.warm_start(prompt_cache, render(system) if tools else system)
             except (SmolexportRuntimeError, OSError) as exc:  # a cache is an optimisation: chat without it
                 say(f"(prompt cache not used: {exc})")
 
@@ -113,10 +130,14 @@ def chat(
             continue
         history.append({"role": "user", "content": text})
         messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + history
-        answer = []
+        answer: list[str] = []
+        added: list[dict[str, Any]] = []  # with tools: the calls and their results, before the answer
         try:  # fit_history renders the chat template, which may refuse (e.g. a model without one)
-            messages = fit_history(model, messages, reserve)
-            pieces = model.stream(messages, **options)
+            messages = fit_history(model, messages, reserve, render if tools else None)
+            if tools:
+                pieces = _tool_turn(model, messages, added, tool_choice, options, say)
+            else:
+                pieces = model.stream(messages, **options)
         except SmolexportRuntimeError as exc:
             history.pop()
             say(f"error: {exc}")
@@ -127,12 +148,40 @@ def chat(
                 say(piece, end="")
         except KeyboardInterrupt:
             say(" [stopped]", end="")
+        except SmolexportRuntimeError as exc:  # with tools, a turn runs several generations
+            say("\nerror: " if answer else "error: ", end="")
+            say(str(exc))
+            history.pop()
+            continue
         finally:
             pieces.close()  # type: ignore[attr-defined]
         say()
         history[:] = [m for m in messages if m["role"] != "system"]
+        history += added
         history.append({"role": "assistant", "content": "".join(answer)})
     return history
+
+
+def _tool_turn(
+    model: Model,
+    messages: list[dict[str, Any]],
+    added: list[dict[str, Any]],
+    tool_choice: Any,
+    options: dict[str, Any],
+    say: Callable[..., None],
+) -> Generator[str, None, None]:
+    """The answer's text pieces, as `model.stream` gives them; tool calls and results are shown on the way."""
+    events = stream_with_tools(model, messages, added, tool_choice=tool_choice, **options)
+    try:
+        for event in events:
+            if event.kind == "text":
+                yield event.text
+            elif event.kind == "call":
+                say(f"[tool call] {event.text}")
+            else:
+                say(f"[tool result] {event.text}")
+    finally:
+        events.close()
 
 
 def _line_reader(stdin: TextIO, stdout: TextIO) -> Callable[[str], str]:
@@ -158,5 +207,12 @@ if __name__ == "__main__":
     parser.add_argument("--system", default=None)
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--prompt-cache", default=None, help="file for the system prompt's KV cache")
+    parser.add_argument("--tools", action="store_true", help="offer a calculator and the current time")
     args = parser.parse_args()
-    chat(load(args.model_dir), system=args.system, temperature=args.temperature, prompt_cache=args.prompt_cache)
+    chat(
+        load(args.model_dir),
+        system=args.system,
+        temperature=args.temperature,
+        prompt_cache=args.prompt_cache,
+        tools=args.tools,
+    )

@@ -22,7 +22,7 @@ from ..llama_config import LlamaConfig
 from .calibration import Calibration, LayerInput
 from .gptq import gptq_quantize
 from .graph import CACHE_TYPES, FLOAT_TYPES, MS_DOMAIN, GraphBuilder
-from .mixed import int8_block_size, wants_int8
+from .mixed import int8_block_size, is_ffn, wants_int8
 from .quantize import LOG8_TABLE, BlockQuantized, quantize_blockwise
 from .rope import rope_tables
 from .vocab import VocabMatrix
@@ -36,6 +36,10 @@ class DecoderOptions:
     weight_bits: int | None = None  # None | 4 | 8
     lm_head_bits: int | None = None  # bits for the (tied) embedding / lm_head; None = same as weight_bits
     block_size: int = 32
+    # Block size of the feed-forward matrices (gate/up/down) where they keep the export's bit width; None = as
+    # block_size. Wider blocks there cut the bytes a token reads (ONNX Runtime's int4 CPU kernel keeps an fp32
+    # scale and an fp32 block sum per block: ~6 bits per weight at 32, 4.5 at 128) where most weights are.
+    ffn_block_size: int | None = None
     context_length: int = 2048
     fused: bool = True  # ONNX Runtime's fused contrib ops (fused.py) instead of standard ops only
     accuracy_level: int = 0  # MatMulNBits compute type: 0 = as activations, 4 = int8 (faster, less exact)
@@ -64,7 +68,8 @@ class DecoderOptions:
         scales; 8-bit: *.v_proj, layers.0.*, layers.-1.*, vocabulary rows < 16384; accuracy level 4'."""
         if self.weight_bits is None:
             return f"{self.activation_dtype} weights"
-        parts = [f"int{self.weight_bits} {self.algo}, blocks of {self.block_size}, "
+        ffn = f" (FFN {self.ffn_block_size})" if self.ffn_block_size not in (None, self.block_size) else ""
+        parts = [f"int{self.weight_bits} {self.algo}, blocks of {self.block_size}{ffn}, "
                  f"{'log8' if self.log8_scales else 'fp16'} scales"]  # fmt: skip
         wider = [*self.int8_layers, *([f"vocabulary rows < {self.int8_vocab}"] if self.int8_vocab else [])]
         if self.lm_head_bits and self.lm_head_bits != self.weight_bits:
@@ -97,9 +102,12 @@ class DecoderBuilder:
 
     def _stored_as(self, name: str, bits: int | None, k: int, int8: bool | None = None) -> tuple[int | None, int]:
         """(bits, block size) of a matrix with k inputs: 8 bits in wide blocks where --int8-layers says so, or
-        where `int8` says so when the caller has decided (packed_linear's groups)."""
+        where `int8` says so when the caller has decided (packed_linear's groups); else the export's bits, in
+        blocks of `ffn_block_size` for the feed-forward matrices when it is set."""
         if bits == 4 and (self._wants_int8(name) if int8 is None else int8):
             return 8, int8_block_size(k)
+        if self.o.ffn_block_size and is_ffn(name):
+            return bits, self.o.ffn_block_size
         return bits, self.o.block_size
 
     def _bits(self, name: str, bits: int | None, k: int, int8: bool | None = None) -> tuple[int | None, int]:

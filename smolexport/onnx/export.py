@@ -29,12 +29,16 @@ from .presets import DEFAULT, preset_quant, recipe
 QUANT_MODES = ("int4", "int8", "fp16", "fp32")
 ALGOS = ("rtn", "mse", "act-mse", "awq", "gptq", "awq-gptq")
 SCALE_FORMATS = ("fp16", "log8")
+BLOCK_SIZES = (16, 32, 64, 128, 256)
 
 
 @dataclass(frozen=True)
 class OnnxExportOptions:
     quant: str | None = None  # None: the preset's, else int4
     block_size: int | None = None  # None: the preset's, else 32
+    # Block size of the feed-forward matrices (gate/up/down) kept at the export's bits. None: the preset's,
+    # else as block_size.
+    ffn_block_size: int | None = None
     # Block scales: "fp16", or "log8" (8-bit log codes and one fp32 scale per row, see quantize.py), which
     # makes blocks of 16 cost about what fp16-scaled blocks of 32 do. None: the preset's, else fp16.
     scales: str | None = None
@@ -110,8 +114,10 @@ class OnnxExportOptions:
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise UsageError(f"accuracy level must be 0 to 4, got {self.accuracy_level}")
         block_size, scales = self.resolved("block_size", 32), self.resolved("scales", "fp16")
-        if block_size not in (16, 32, 64, 128, 256):
-            raise UsageError(f"block size must be 16, 32, 64, 128 or 256, got {block_size}")
+        ffn_block_size = self.resolved("ffn_block_size", block_size)
+        for flag, size in (("block size", block_size), ("FFN block size", ffn_block_size)):
+            if size not in BLOCK_SIZES:
+                raise UsageError(f"{flag} must be 16, 32, 64, 128 or 256, got {size}")
         if scales not in SCALE_FORMATS:
             raise UsageError(f"unknown scale format {scales!r}: choose one of {', '.join(SCALE_FORMATS)}")
         if self.kv_cache not in (None, "fp16", "fp32", "int8"):
@@ -131,6 +137,7 @@ class OnnxExportOptions:
             weight_bits=bits,
             lm_head_bits=self.lm_head_bits or bits,
             block_size=block_size,
+            ffn_block_size=ffn_block_size if ffn_block_size != block_size else None,
             context_length=context,
             fused=self.fused,
             accuracy_level=self.accuracy_level,
@@ -227,6 +234,8 @@ def _manifest(
             "weight_bits": decoder.weight_bits,
             "lm_head_bits": decoder.lm_head_bits,
             "block_size": decoder.block_size if decoder.weight_bits else None,
+            # the feed-forward matrices' (gate/up/down) block size where they keep weight_bits
+            "ffn_block_size": (decoder.ffn_block_size or decoder.block_size) if decoder.weight_bits else None,
             "scales": ("log8" if decoder.log8_scales else "fp16") if decoder.weight_bits else None,
             # Mixed precision (int4 only): the patterns asked for and the matrices they raised to 8 bits
             # (graph name -> block size).

@@ -23,6 +23,7 @@ from ..errors import UsageError
 INT8_BLOCK_SIZES = (64, 32)
 PACKED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 KNOWN = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+FFN = ("gate_proj", "up_proj", "down_proj")
 CANDIDATES = ("embed_tokens", "lm_head", *(f"layers.{i}.{name}" for i in range(-1000, 1000) for name in KNOWN))
 
 
@@ -56,6 +57,12 @@ def wants_int8(patterns: tuple[str, ...], graph_name: str, num_layers: int | Non
     positive = matrix_parts(graph_name)
     both = matrix_parts(graph_name, num_layers)
     return any(fnmatchcase(part, p) for p in patterns for part in (both if "layers.-" in p else positive))
+
+
+def is_ffn(graph_name: str) -> bool:
+    """Whether a graph weight is one of the feed-forward matrices (gate/up/down, or the packed gate_up), the
+    ones `--ffn-block-size` applies to; checkpoint-style names ('layers.3.down_proj') are recognised too."""
+    return any(part.rsplit(".", 1)[-1] in FFN for part in matrix_parts(graph_name))
 
 
 def int8_block_size(k: int) -> int:

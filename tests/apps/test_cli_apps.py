@@ -141,7 +141,12 @@ def test_serve_command(tiny_export, tmp_path):
         request = urllib.request.Request(
             match.group(1) + "/chat/completions",
             data=json.dumps(
-                {"model": tiny_export.name, "messages": [{"role": "user", "content": "w5"}], "max_tokens": 3}
+                {
+                    "model": tiny_export.name,
+                    "messages": [{"role": "user", "content": "w5"}],
+                    "max_tokens": 3,
+                    "temperature": 0,
+                }
             ).encode(),
             headers={"Authorization": "Bearer k", "Content-Type": "application/json"},
         )
@@ -171,7 +176,8 @@ def test_serve_reports_a_port_in_use(tiny_export):
 
 
 def test_apps_do_not_import_torch():
-    modules = ["sample_apps.openai_server.server", "sample_apps.terminal_chat.chat", "smolexport.apps_cli"]
+    modules = ["sample_apps.openai_server.server", "sample_apps.terminal_chat.chat", "smolexport.apps_cli",
+               "sample_apps.builtin_tools", "sample_apps.extract.extract"]  # fmt: skip
     try:
         import PySide6.QtWidgets  # noqa: F401
 

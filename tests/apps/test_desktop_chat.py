@@ -10,8 +10,11 @@ import time
 
 import pytest
 from smolexport_runtime import load
+from smolexport_runtime.tools import ToolCall
 
-from .conftest import slow_model
+from sample_apps.builtin_tools import describe_call, run_tool
+
+from .conftest import REAL_EXPORT, slow_model
 
 os.environ["QT_QPA_PLATFORM"] = "offscreen"
 
@@ -150,3 +153,40 @@ def test_loads_a_folder_off_the_ui_thread_and_reports_bad_ones(app, window_facto
     wait_for(app, lambda: broken._loader is None)
     assert broken.model is None and "error:" in broken.transcript.toPlainText()
     assert not broken.send_button.isEnabled() and broken.open_button.isEnabled()
+
+
+@pytest.mark.skipif(not REAL_EXPORT.is_dir(), reason=f"{REAL_EXPORT} not exported (README's first command)")
+def test_tools_show_the_call_its_result_and_the_answer(app, window_factory):
+    """The "Tools" box on the real 135M int4 (the tiny models' tokenizers cannot drive the grammar), with the
+    calculator named as tool_choice so that the model calls it: the call and its result are shown above the
+    answer, and go into the history as the trained format's turns; with the box off again, the next turn
+    sends the questions and answers only."""
+    model = load(REAL_EXPORT, providers="cpu")
+    window = window_factory(model=model, model_dir="real", max_new_tokens=100)
+    window.temperature.setValue(0.0)
+    window.tools_box.setChecked(True)
+    window.tool_choice = {"type": "function", "function": {"name": "calculator"}}
+    shown = []
+    window.tool_shown.connect(lambda kind, text: shown.append((kind, text)))
+    pieces, results = send(app, window, "What is 17 times 23?")
+    wait_for(app, lambda: not window.busy, timeout=120)
+    assert results[0]["error"] is None, results[0]["error"]
+    assert [m["role"] for m in window.history] == ["user", "assistant", "tool", "assistant"]
+    (call,) = window.history[1]["tool_calls"]
+    arguments = json.loads(call["function"]["arguments"])
+    result = run_tool(ToolCall("calculator", arguments))
+    assert shown == [("call", describe_call(ToolCall("calculator", arguments))), ("result", result)]
+    assert window.history[2]["content"] == result
+    answer = results[0]["text"]
+    assert answer.strip() and "".join(pieces) == answer and window.history[3]["content"] == answer
+    transcript = window.transcript.toPlainText()
+    call_line, result_line = f"tool call: {shown[0][1]}", f"tool result: {result}"
+    assert transcript.index(call_line) < transcript.index(result_line) < transcript.rindex(answer)
+
+    window.tools_box.setChecked(False)
+    pieces2, _ = send(app, window, "Thanks!")
+    wait_for(app, lambda: not window.busy, timeout=120)
+    plain = [{"role": "user", "content": "What is 17 times 23?"}, {"role": "assistant", "content": answer},
+             {"role": "user", "content": "Thanks!"}]  # fmt: skip
+    assert "".join(pieces2) == model.generate(plain, max_new_tokens=100, temperature=0)
+    assert [m["role"] for m in window.history][-2:] == ["user", "assistant"] and len(shown) == 2

@@ -152,6 +152,22 @@ def test_concurrent_streaming_clients_get_their_own_answers(server):
     assert status["busy"] is False and status["queued"] == 0
 
 
+def test_prompt_lookup_in_the_server_gives_greedys_answer(tiny_model):
+    """The tiny model repeats itself, so drafts copied from its text are kept; its fp32 text is unchanged."""
+    messages = [{"role": "user", "content": "w5 w6 w7 w8 w5 w6 w7 w8 w5 w6"}]
+    tiny_model.reset()
+    plain = tiny_model.generate(messages, max_new_tokens=24, greedy=True)
+    srv = make_server(port=0, model=tiny_model, model_name="tiny", prompt_lookup=4)
+    thread = start(srv)
+    try:
+        client = openai.OpenAI(base_url=srv.url, api_key="unused", max_retries=0)
+        answer = client.chat.completions.create(model="tiny", messages=messages, max_tokens=24, temperature=0)
+        assert answer.choices[0].message.content == plain
+        assert srv.service.engine.steps < answer.usage.completion_tokens  # drafts were kept
+    finally:
+        stop(srv, thread)
+
+
 def test_api_key_is_required_when_set(tiny_model):
     srv = make_server(port=0, api_key="s3cret", model=tiny_model, model_name="tiny")
     thread = start(srv)

@@ -3,9 +3,11 @@ generation."""
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import os
+import select
 import socket
 import threading
 import time
@@ -13,7 +15,6 @@ import time
 import pytest
 
 from sample_apps.openai_server import make_server
-from sample_apps.openai_server.server import Handler
 
 from .conftest import slow_model
 
@@ -407,21 +408,26 @@ def test_connections_with_high_descriptors_are_served(server):
 
 @pytest.mark.parametrize("stream", [True, False])
 def test_a_failed_response_head_still_ends_the_generation(tiny_model, monkeypatch, stream):
-    """If writing the status line and headers fails, the generation is still closed and booked (/health)."""
+    """If writing the status line and headers fails (the client's connection ends just then), the generation is
+    still closed and booked (/health)."""
+    from uvicorn.protocols.http.h11_impl import RequestResponseCycle
+
     srv = make_server(port=0, model=tiny_model, model_name="tiny")
-    content_type = "text/event-stream" if stream else "application/json"
-    send_header = Handler.send_header
+    content_type = b"text/event-stream" if stream else b"application/json"
+    send = RequestResponseCycle.send
 
-    def failing_send_header(self, keyword, value):
-        if self.server is srv and self.path == CHAT and keyword == "Content-Type" and value.startswith(content_type):
+    async def failing_send(self, message):
+        head = message["type"] == "http.response.start" and self.scope["path"] == CHAT
+        if head and dict(message["headers"]).get(b"content-type", b"").startswith(content_type):
+            self.transport.close()  # the client's connection ends as the head goes out
             raise ConnectionResetError("the client went away")
-        send_header(self, keyword, value)
+        await send(self, message)
 
-    monkeypatch.setattr(Handler, "send_header", failing_send_header)
+    monkeypatch.setattr(RequestResponseCycle, "send", failing_send)
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
     try:
-        body = {"model": "tiny", "messages": USER, "max_tokens": 4, "stream": stream}
+        body = {"model": "tiny", "messages": USER, "max_tokens": 4, "stream": stream, "temperature": 0}  # greedy: 4
         with pytest.raises(http.client.RemoteDisconnected):
             request(srv, "POST", CHAT, body)
         service = srv.service
@@ -493,3 +499,152 @@ def test_concurrent_requests_decode_together(slow_server):
     generated = sum(r[1]["usage"]["completion_tokens"] for r in results)
     assert generated == 36  # eos is banned: every request runs to its limit
     assert engine.steps - steps_before < generated * 2 / 3  # shared steps (the three alone would take 33)
+
+
+# --- time and connection bounds ----------------------------------------------------------------------
+
+TIMEOUT = 2.0  # the request timeout of the servers below: a request's head and body must arrive within it
+
+
+@pytest.fixture(scope="module")
+def quick_server(tiny_model):
+    yield from serving(make_server(port=0, model=tiny_model, model_name="tiny", timeout=TIMEOUT))
+
+
+def trickle(sock, data: bytes, interval: float = 0.5) -> tuple[int, float]:
+    """Sends `data` one byte every `interval` seconds until the server answers or hangs up. Returns the bytes
+    sent and the seconds until then."""
+    start, sent = time.monotonic(), 0
+    for byte in data:
+        try:
+            sock.send(bytes([byte]))
+        except OSError:  # the server closed the connection
+            break
+        sent += 1
+        if select.select([sock], [], [], interval)[0]:  # an answer, or the end of the connection
+            break
+    return sent, time.monotonic() - start
+
+
+def read_all(sock) -> bytes:
+    chunks = []
+    try:
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    except ConnectionResetError:
+        pass
+    return b"".join(chunks)
+
+
+def test_a_trickled_body_is_cut_off_at_the_timeout(quick_server):
+    """The probe: a body sent a byte a second was answered after 75 s although the timeout was 60 s."""
+    body = json.dumps({"model": "tiny", "messages": USER, "max_tokens": 2}).encode()
+    head = f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+    with socket.create_connection(quick_server.server_address[:2], timeout=30) as sock:
+        sock.sendall(head)
+        sent, seconds = trickle(sock, body)
+        reply = read_all(sock)
+    assert sent < len(body) and seconds < TIMEOUT + 1.5, (sent, seconds)
+    assert reply.startswith(b"HTTP/1.1 408") and b'"request_timeout"' in reply
+    assert b"connection: close" in reply.lower()
+
+
+@pytest.mark.parametrize("after_a_request", [False, True])
+def test_a_trickled_head_is_closed_at_the_timeout(quick_server, after_a_request):
+    """Slowloris: a head sent a byte at a time, on a new connection or on one kept alive after an answer."""
+    body = json.dumps({"model": "tiny", "messages": USER, "max_tokens": 2})
+    data = f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n{body}".encode()
+    with socket.create_connection(quick_server.server_address[:2], timeout=30) as sock:
+        if after_a_request:
+            sock.sendall(data)
+            status, answer = read_response(sock)
+            assert status == 200 and json.loads(answer)["usage"]["completion_tokens"]
+        sent, seconds = trickle(sock, data)
+        assert read_all(sock) == b""  # closed, unanswered
+    assert sent < data.index(b"\r\n\r\n") and seconds < TIMEOUT + 1.5, (sent, seconds)
+
+
+def test_idle_connections_take_no_threads_and_are_closed(quick_server):
+    """The probe: 200 idle connections made 206 threads. Here they cost no thread, the server answers while
+    they are open, and it closes them once the timeout passes."""
+    request(quick_server, "GET", "/health")  # whatever threads a request starts exist now
+    before = threading.active_count()
+    address = quick_server.server_address[:2]
+    idle = [socket.create_connection(address, timeout=30) for _ in range(100)]
+    try:
+        for sock in idle[::2]:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\n")  # half a head
+        time.sleep(0.5)
+        assert threading.active_count() <= before + 2
+        status, body, _ = request(quick_server, "POST", CHAT, {"model": "tiny", "messages": USER, "max_tokens": 2})
+        assert status == 200 and body["usage"]["completion_tokens"]
+        start = time.monotonic()
+        for sock in idle:
+            assert read_all(sock) == b""  # the server hung up
+        assert time.monotonic() - start < TIMEOUT + 1.5
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+def test_past_max_connections_requests_get_503(tiny_model):
+    srv = make_server(port=0, model=tiny_model, model_name="tiny", max_connections=8)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    idle = [socket.create_connection(srv.server_address[:2], timeout=30) for _ in range(8)]
+    try:
+        wait_until(lambda: len(srv._server.server_state.connections) == 8, what="the connections to be accepted")
+        status, body, response = request(srv, "GET", "/v1/models")
+        assert_error(status, body, 503, "server_busy")
+        assert response.getheader("Connection") == "close"
+        for sock in idle:
+            sock.close()
+        wait_until(lambda: not srv._server.server_state.connections, what="the connections to close")
+        assert request(srv, "GET", "/v1/models")[0] == 200
+    finally:
+        for sock in idle:
+            sock.close()
+        srv.shutdown()
+        srv.server_close()
+        thread.join(5)
+
+
+def test_a_body_cut_short_gets_400(server):
+    reply = raw_exchange(server, f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{{".encode())
+    assert reply.startswith(b"HTTP/1.1 400") and b"ended early" in reply
+
+
+def test_a_client_that_stops_reading_is_dropped(tiny_export):
+    """uvicorn waits for a full send buffer to drain for as long as it takes: a write of an answer that waits past
+    the timeout drops the connection, and the generation's slot is freed."""
+    from sample_apps.openai_server.protocol import ResponseBuilder
+    from sample_apps.openai_server.service import ModelService
+    from sample_apps.openai_server.transport import ConnectionInfo, GenerationResponse
+
+    service = ModelService(slow_model(tiny_export, 0.02), "tiny")
+
+    async def answer_a_client_that_reads_nothing() -> tuple[bool, float]:
+        request = service.parse({"model": "tiny", "messages": USER, "max_tokens": 200, "stream": True}, chat=True)
+        generation = service.start(request, service.check_prompt(request))
+        aborted = asyncio.Event()
+        info = ConnectionInfo(deadline=0.0, eof=asyncio.Event(), abort=aborted.set)
+        response = GenerationResponse(generation, ResponseBuilder("tiny", True), True, info, timeout=0.3)
+
+        async def send(message):
+            if message["type"] == "http.response.body":
+                await asyncio.Event().wait()  # the client's buffers are full: this write never goes out
+
+        async def receive():
+            await asyncio.Event().wait()
+
+        start = time.monotonic()
+        await asyncio.wait_for(response({"type": "http"}, receive, send), 10)
+        return aborted.is_set(), time.monotonic() - start
+
+    try:
+        aborted, seconds = asyncio.run(answer_a_client_that_reads_nothing())
+        assert aborted and seconds < 2
+        wait_idle(service)
+        assert service.stats.cancelled == service.stats.finished == 1 and service.tokens_generated < 200
+    finally:
+        service.close()

@@ -1,9 +1,12 @@
-"""`smolexport bench` on a tiny export: the workload runs and reports every documented key."""
+"""`smolexport bench` on a tiny export (the structured scenario on the bundled 135M): the workloads run and report
+every documented key."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from smolexport.cli import main
@@ -30,3 +33,28 @@ def test_bench_reports_the_workload(tiny_models, tmp_path):
 def test_bench_on_a_missing_export_is_one_line(tmp_path):
     result = CliRunner().invoke(main, ["bench", str(tmp_path / "nope")])
     assert result.exit_code == 1 and result.output.startswith("error: ")
+
+
+REAL_EXPORT = Path(__file__).resolve().parents[2] / "exports" / "smollm2-135m-int4"
+STRUCTURED_KEYS = {"compile_ms", "mask_us_p50", "mask_us_p99", "masked_tokens", "free_tok_s", "json_tok_s",
+                   "json_over_free", "vocab_size", "grammar_tokenizer_s", "json_complete"}  # fmt: skip
+
+
+@pytest.mark.skipif(not REAL_EXPORT.is_dir(), reason=f"{REAL_EXPORT} not exported (README's first command)")
+def test_bench_structured_reports_mask_compile_and_speed(tmp_path):
+    """--scenario structured on the bundled 135M int4 (the tiny models' word-level tokenizers have no decoder,
+    which llguidance needs)."""
+    out = tmp_path / "bench.json"
+    args = ["bench", str(REAL_EXPORT), "--scenario", "structured", "--runs", "1", "--json", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert set(report) == {"structured"}  # only the scenario asked for
+    structured = report["structured"]
+    assert set(structured) >= STRUCTURED_KEYS
+    assert structured["vocab_size"] == 49152 and structured["json_complete"] is True
+    assert 0 < structured["mask_us_p50"] <= structured["mask_us_p99"]
+    assert structured["compile_ms"] > 0 and structured["grammar_tokenizer_s"] > 0
+    assert structured["free_tok_s"] > 0 and structured["json_tok_s"] > 0
+    # The grammar forces the order's fixed keys and punctuation: fewer masks than tokens.
+    assert 0 < structured["masked_tokens"] < structured["json_tokens"]

@@ -15,9 +15,17 @@ import json
 from pathlib import Path
 
 import jsonschema
+import numpy as np
 import pytest
 from smolexport_runtime import BatchEngine, SamplingConfig, load
-from smolexport_runtime.constraints import ConstrainedSampler, ConstraintError, GrammarTokenizer, parse_response_format
+from smolexport_runtime.bench_structured import SCHEMA as ORDER_SCHEMA
+from smolexport_runtime.constraints import (
+    ConstrainedSampler,
+    ConstraintError,
+    GrammarTokenizer,
+    parse_response_format,
+    precompute_masks,
+)
 
 from .conftest import count_forward_calls
 
@@ -33,30 +41,7 @@ REALISTIC = {
         "required": ["name", "age"],
         "additionalProperties": False,
     },
-    "order": {
-        "type": "object",
-        "properties": {
-            "items": {
-                "type": "array",
-                "minItems": 1,
-                "maxItems": 3,
-                "items": {
-                    "type": "object",
-                    "properties": {
-                        "sku": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{3}$"},
-                        "quantity": {"type": "integer", "minimum": 1, "maximum": 9},
-                        "price": {"type": "number", "minimum": 0, "maximum": 1000},
-                    },
-                    "required": ["sku", "quantity", "price"],
-                    "additionalProperties": False,
-                },
-            },
-            "status": {"enum": ["new", "paid", "shipped"]},
-            "note": {"type": "string", "maxLength": 30},
-        },
-        "required": ["items", "status"],
-        "additionalProperties": False,
-    },
+    "order": ORDER_SCHEMA,  # the structured benchmark's schema: nested objects, a bounded array, patterns
     "answer_or_error": {
         "anyOf": [
             {
@@ -219,12 +204,19 @@ def test_forced_tokens_run_as_one_step_with_the_same_answer(bundled_exports, mon
     assert steps < 0.8 * slow_steps, (steps, slow_steps)
 
 
-def test_the_batch_engine_constrains_each_slot_its_own_way(real, monkeypatch):
-    """Each slot has its own grammar; the engine decodes one token a step (no forced-token steps), so each
-    answer is the single-stream answer with forced tokens decoded one at a time too (on an int4 export a
-    multi-token step computes slightly other logits than decode steps)."""
-    engine = BatchEngine(real, max_batch=4, max_queue=8).start()
+def test_the_batch_engine_constrains_each_slot_its_own_way(real):
+    """Each slot has its own grammar. While rows decode together, the tokens a grammar forces ride along one
+    a step in the batched steps (no forward pass of their own); a row decoding alone runs them as one step."""
+    engine = BatchEngine(real, max_batch=4, max_queue=8)
+    passes, forward = [0], real.decoder.forward
+
+    def counted(*args, **kwargs):
+        passes[0] += 1
+        return forward(*args, **kwargs)
+
+    real.decoder.forward = counted
     try:
+        engine.start()
         requests = {
             name: engine.submit(real.encode(PROMPTS[name]), SamplingConfig(), 200, response_format=REALISTIC[name])
             for name in ("person", "weather")
@@ -234,7 +226,20 @@ def test_the_batch_engine_constrains_each_slot_its_own_way(real, monkeypatch):
         assert "Paris" in "".join(free.pieces())
     finally:
         engine.stop()
-    monkeypatch.setattr(ConstrainedSampler, "forced", lambda self, limit: [])
+        real.decoder.forward = forward
+    longest = max(r.stats.completion_tokens for r in requests.values())
+    assert passes[0] <= longest + 3  # one pass a token of the longest answer, plus the three prompts' prefills
     for name, text in answers.items():
         jsonschema.validate(json.loads(text), REALISTIC[name])
         assert text == real.generate(PROMPTS[name], response_format=REALISTIC[name], max_new_tokens=200)
+
+
+def test_masks_computed_together_are_the_masks_computed_alone(real):
+    """The batch engine fills every constrained row's mask in one parallel llguidance call."""
+    samplers = [real.sampler(SamplingConfig(), REALISTIC[name]) for name in ("person", "weather", "order")]
+    assert samplers[2].forced(4)  # one grammar further on than the others
+    alone = [s.allowed() for s in samplers]  # computing a mask does not advance the grammar
+    assert not np.array_equal(alone[0], alone[2])
+    precompute_masks(samplers)
+    assert all(np.array_equal(s.allowed(), mask) for s, mask in zip(samplers, alone, strict=True))
+    assert all(s._precomputed is None for s in samplers)  # used once; the next mask is computed afresh

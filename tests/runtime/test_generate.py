@@ -9,8 +9,8 @@ from smolexport_runtime.generate import (
     generate_tokens,
     position_ids_from_mask,
     prefill,
-    stream_generate,
 )
+from smolexport_runtime.sequence import stream_generate
 
 from .conftest import ENDOFTEXT, IM_END, ids, random_decoder, scripted_decoder
 

@@ -1,4 +1,4 @@
-"""Prompt lookup decoding (generate_cached's `prompt_lookup`): drafts copied from the context and verified in
+"""Prompt lookup decoding (run_sequence's `prompt_lookup`): drafts copied from the context and verified in
 one forward pass give exactly plain greedy's tokens on float exports, in fewer model steps when the answer
 quotes its input."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 from smolexport_runtime import load
-from smolexport_runtime.conversation import draft_from_context
+from smolexport_runtime.speculation import draft_from_context
 
 from .conftest import count_forward_calls
 

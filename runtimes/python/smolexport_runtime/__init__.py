@@ -13,10 +13,11 @@ from .batching import BatchEngine, BatchRequest, EngineStoppedError, QueueFullEr
 from .chat import ChatTemplate
 from .conversation import Conversation, ConversationBusyError, PromptCacheError
 from .errors import ChatTemplateError, ContextLengthError, ManifestError, SmolexportRuntimeError
-from .generate import GenerationStats, decode_one_token, prefill, stream_generate
+from .generate import GenerationStats, decode_one_token, prefill
 from .manifest import Manifest, load_manifest
 from .model import Model, load
 from .sampling import SamplingConfig, make_sampler
+from .sequence import SequenceState, run_sequence, stream_generate
 from .session import OnnxDecoder, resolve_providers
 
 __version__ = "0.1.0"
@@ -38,6 +39,7 @@ __all__ = [
     "Model",
     "OnnxDecoder",
     "SamplingConfig",
+    "SequenceState",
     "SmolexportRuntimeError",
     "decode_one_token",
     "load",
@@ -45,5 +47,6 @@ __all__ = [
     "make_sampler",
     "prefill",
     "resolve_providers",
+    "run_sequence",
     "stream_generate",
 ]

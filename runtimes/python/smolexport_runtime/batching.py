@@ -30,12 +30,14 @@ from typing import Any
 
 import numpy as np
 
-from .detokenize import StreamingDetokenizer
+from .constraints import precompute_masks
 from .errors import RequestError, SmolexportRuntimeError
 from .generate import GenerationStats, fit_to_context, prefill_chunks
 from .kv_state import CacheState, common_prefix
 from .sampling import SamplingConfig
+from .sequence import SequenceState
 from .session import KVBuffers
+from .speculation import Drafter, DraftModel, PromptLookup, accepted_length, check_speculation
 
 _DONE = object()  # the end of a request's pieces
 DEFAULT_CONTEXT = 2048  # tokens per slot unless asked otherwise (at most the model's context length)
@@ -65,8 +67,7 @@ class BatchRequest:
     def __post_init__(self) -> None:
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self.stats.prompt_tokens = len(self.prompt_ids)
-        self.sampler: Callable[[np.ndarray], int] | None = None  # set by BatchEngine.submit
-        self.detokenizer: StreamingDetokenizer | None = None
+        self.sequence: SequenceState | None = None  # sampler, stops, budget: set by BatchEngine.submit
 
     def cancel(self) -> None:
         """Stops the generation at the engine's next step and frees its slot; safe to call at any time."""
@@ -100,9 +101,11 @@ class Slot:
     state: CacheState
     request: BatchRequest | None = None
     pending: list[int] = field(default_factory=list)  # prompt ids still to prefill
-    next_token: int | None = None  # sampled, to be fed at the next decode step
+    # Tokens to feed: the one just sampled, and any its grammar forced after it (fed one a step while other
+    # rows decode too, in one multi-token step when the row decodes alone).
+    feed: list[int] = field(default_factory=list)
     last_used: float = 0.0
-    first_token_at: float = 0.0
+    drafter: Drafter | None = None  # speculation: made at the slot's first draft, kept with its cache
 
 
 class BatchEngine:
@@ -110,7 +113,8 @@ class BatchEngine:
     any thread. `max_batch` bounds the generations running together, `max_queue` those waiting for a slot;
     `slots` (at least max_batch) rows of cache are kept, so idle conversations keep their prefix a while;
     `context` bounds each slot's tokens; `reuse_generated` also reuses answers' keys and values (see
-    CacheState.reuse)."""
+    CacheState.reuse). `prompt_lookup=N` or a `draft_model` (speculation.py): a greedy request decoding alone
+    checks drafts in its steps (with several rows decoding, batching already shares the weight reads)."""
 
     def __init__(
         self,
@@ -120,9 +124,18 @@ class BatchEngine:
         slots: int | None = None,
         context: int | None = None,
         reuse_generated: bool = False,
+        prompt_lookup: int = 0,
+        draft_model=None,
+        draft_tokens: int = 4,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        check_speculation(model, prompt_lookup, draft_model, draft_tokens)
+        self._new_drafter: Callable[[], Drafter] | None = None
+        if prompt_lookup:
+            self._new_drafter = lambda: PromptLookup(prompt_lookup)
+        elif draft_model is not None:
+            self._new_drafter = lambda: DraftModel(draft_model, draft_tokens)
         self.model = model
         self.max_batch = max_batch
         self.max_queue = max_queue
@@ -199,8 +212,11 @@ class BatchEngine:
         stops = [stop] if isinstance(stop, str) else list(stop)
         request = BatchRequest(prompt_ids, sampling or SamplingConfig(), max_new_tokens, stops)
         # Built here, so that a bad seed, stop string or format fails the caller, not the engine's thread.
-        request.sampler = self.model.sampler(request.sampling, response_format)  # a grammar matcher each
-        request.detokenizer = StreamingDetokenizer(self.model.tokenizer, stops)
+        sampler = self.model.sampler(request.sampling, response_format)  # a grammar matcher each
+        request.sequence = SequenceState.create(
+            sampler, self.model.tokenizer, len(prompt_ids), max_new_tokens, self.eos, stops, request.stats
+        )
+        request.sequence.started = request.submitted
         with self._cond:
             if self._stopping:
                 raise EngineStoppedError("the engine is stopped")
@@ -255,7 +271,7 @@ class BatchEngine:
                 continue
             slot.request = request
             slot.pending = request.prompt_ids[slot.state.length :]
-            slot.next_token = None
+            slot.feed = []
 
     def _step(self) -> None:
         for slot in self.slots:
@@ -275,65 +291,95 @@ class BatchEngine:
             budget -= len(chunk)
             if not slot.pending:
                 self._emit(slot, logits)
-        decoding = [s for s in self.slots if s.request is not None and s.next_token is not None]
+        decoding = [s for s in self.slots if s.request is not None and s.feed]
         if not decoding:
             return
-        if self.batched:
-            for slot, logits in zip(decoding, self._decode_batch(decoding), strict=True):
-                self._emit(slot, logits)
-        else:
-            for slot in decoding:
-                self._emit(slot, slot.state.decode(slot.next_token))
         self.steps += 1
+        if len(decoding) == 1:
+            # Alone, a row runs all it has to feed (forced tokens, or a draft to check) as one step: the step
+            # reads the weights once either way.
+            slot = decoding[0]
+            if not self._speculate(slot):
+                feed, slot.feed = slot.feed, []
+                self._emit(slot, slot.state.decode(feed[0]) if len(feed) == 1 else slot.state.extend(feed))
+            return
+        if not self.batched:
+            for slot in decoding:
+                feed, slot.feed = slot.feed, []
+                self._emit(slot, slot.state.decode(feed[0]) if len(feed) == 1 else slot.state.extend(feed))
+            return
+        # Together, every row feeds one token a step: forced tokens ride along in steps the batch runs anyway.
+        # A multi-token step of its own for each row with forced tokens was no faster (8 constrained clients
+        # on the 135M int4: 217 against 272 tokens/s, benchmarks/README.md). A row samples again only once
+        # its feed is empty.
+        rows = self._decode_batch(decoding)
+        ready = [(slot, logits) for slot, logits in zip(decoding, rows, strict=True) if not slot.feed]
+        # Every constrained row's grammar mask in one call, spread over the cores.
+        precompute_masks([s.request.sequence.sampler for s, _ in ready if s.request.sequence.constrained])
+        for slot, logits in ready:
+            self._emit(slot, logits)
 
     def _decode_batch(self, decoding: list[Slot]) -> list[np.ndarray]:
         """One forward pass over rows 0..R (R: the highest decoding row); other rows in range get a filler."""
         rows = self.slots[: max(s.row for s in decoding) + 1]
         lengths = np.array([s.state.length for s in rows], dtype=np.int64)
-        feeding = {id(s) for s in decoding}
-        tokens = np.array([s.next_token if id(s) in feeding else 0 for s in rows], dtype=np.int64)
+        feeding = {id(s): s.feed.pop(0) for s in decoding}
+        tokens = np.array([feeding.get(id(s), 0) for s in rows], dtype=np.int64)
         mask = (np.arange(lengths.max() + 1)[None, :] <= lengths[:, None]).astype(np.int64)
         logits, _ = self.model.decoder.forward(
             tokens[:, None], mask, lengths[:, None], self.cache.rows(0, len(rows))
         )
         for slot in decoding:
-            slot.state.tokens.append(slot.next_token)
+            slot.state.tokens.append(feeding[id(slot)])
         return [logits[s.row, -1] for s in decoding]
 
-    def _emit(self, slot: Slot, logits: np.ndarray) -> None:
-        """Samples the slot's next token and hands its text to the client."""
-        request, stats = slot.request, slot.request.stats
-        token = request.sampler(logits)
-        stats.completion_tokens += 1
-        now = time.perf_counter()
-        if stats.completion_tokens == 1:
-            stats.ttft_s = now - request.submitted
-            slot.first_token_at = now
-        elif now > slot.first_token_at:
-            stats.decode_tok_s = (stats.completion_tokens - 1) / (now - slot.first_token_at)
-        slot.next_token = token
-        if token in self.eos:
-            return self._finish(slot, "stop")
-        piece = request.detokenizer.add(token)
-        if piece:
-            request._put(piece)
-        if request.detokenizer.stopped:
-            return self._finish(slot, "stop")
-        if stats.completion_tokens >= request.max_new_tokens:
-            return self._finish(slot, "length")
+    def _speculate(self, slot: Slot) -> bool:
+        """Feeds the slot's token with a draft after it in one step and keeps the draft up to its first token
+        greedy would not have chosen (as run_sequence does). False when there is nothing to check."""
+        sequence = slot.request.sequence
+        if self._new_drafter is None or not sequence.drafts_allowed or len(slot.feed) != 1:
+            return False
+        if slot.drafter is None:
+            slot.drafter = self._new_drafter()
+        draft = slot.drafter.propose([*slot.state.tokens, *slot.feed], sequence.remaining)
+        if not draft:
+            return False
+        rows = slot.state.verify([*slot.feed, *draft])
+        accepted = accepted_length(rows, draft)
+        slot.state.truncate(slot.state.length - (len(draft) - accepted))
+        sequence.stats.draft_tokens += len(draft)
+        sequence.stats.accepted_tokens += accepted
+        slot.feed = []
+        if piece := sequence.accept(draft[:accepted]):
+            slot.request._put(piece)
+        if sequence.finished:
+            self._finish(slot)
+        else:
+            self._emit(slot, rows[accepted])
+        return True
 
-    def _finish(self, slot: Slot, reason: str | None = None, error: BaseException | None = None) -> None:
+    def _emit(self, slot: Slot, logits: np.ndarray) -> None:
+        """Samples the slot's next token (and any its grammar forces after it), hands their text to the
+        client, and queues them to be fed at the next steps."""
         request = slot.request
-        if error is None and reason is not None and (tail := request.detokenizer.finish()):
-            request._put(tail)
-        request.stats.finish_reason = reason
-        slot.request, slot.next_token, slot.pending = None, None, []
+        step = request.sequence.next_tokens(logits)
+        if piece := request.sequence.accept(step):
+            request._put(piece)
+        if request.sequence.finished:
+            return self._finish(slot)
+        slot.feed = step
+
+    def _finish(self, slot: Slot, error: BaseException | None = None) -> None:
+        """Frees the slot: the sequence finished (its text was handed over by _emit), was cancelled (its
+        finish_reason stays None) or failed."""
+        request = slot.request
+        slot.request, slot.feed, slot.pending = None, [], []
         slot.last_used = time.perf_counter()
         if error is not None:
             request._put(error)
         self._close(request)
 
     def _close(self, request: BatchRequest) -> None:
-        request.stats.total_s = time.perf_counter() - request.submitted
+        request.sequence.close()
         request.done.set()  # before the end marker: a reader that saw the end finds the request done
         request._put(_DONE)

@@ -17,10 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-from .conversation import generate_cached
-from .generate import GenerationStats
 from .kv_state import CacheState
 from .sampling import greedy
+from .sequence import SequenceState, run_sequence
 
 SYSTEM_PROMPT = (
     "You are a helpful assistant inside a note-taking app. Answer briefly and concretely, in plain "
@@ -55,31 +54,28 @@ def chat_turns(model) -> list[list[int]]:
     return turns
 
 
-def replay_turns(
-    decoder, limit: int | None, turns: list[list[int]], answer_tokens: int, keep: bool
-) -> list[float]:
+def replay_turns(model, turns: list[list[int]], answer_tokens: int, keep: bool) -> list[float]:
     """Seconds to the first token of each turn. keep=True: one cache across turns; False: a fresh one each."""
+    decoder, limit, tokenizer = model.decoder, model.context_length, model.tokenizer
     state = CacheState(decoder, limit)
     ttfts = []
     for ids in turns:
         if not keep:
             state = CacheState(decoder, limit)
-        start = time.perf_counter()
-        tokens = generate_cached(state, ids, greedy, answer_tokens, GenerationStats())
-        next(tokens)
-        ttfts.append(time.perf_counter() - start)
-        for _ in tokens:
+        # No eos: every turn runs its full answer_tokens.
+        sequence = SequenceState.create(greedy, tokenizer, len(ids), answer_tokens)
+        for _ in run_sequence(state, sequence, ids):
             pass
+        ttfts.append(sequence.stats.ttft_s)
     return ttfts
 
 
 def replay_chat(model, answer_tokens: int = 16, runs: int = 3) -> dict:
     """Medians over `runs` replays (after one warm-up) of each turn's time to first token, both ways."""
     turns = chat_turns(model)
-    limit = model.context_length
-    replay_turns(model.decoder, limit, turns[:2], answer_tokens, keep=True)  # warm-up
-    kept = [replay_turns(model.decoder, limit, turns, answer_tokens, keep=True) for _ in range(runs)]
-    fresh = [replay_turns(model.decoder, limit, turns, answer_tokens, keep=False) for _ in range(runs)]
+    replay_turns(model, turns[:2], answer_tokens, keep=True)  # warm-up
+    kept = [replay_turns(model, turns, answer_tokens, keep=True) for _ in range(runs)]
+    fresh = [replay_turns(model, turns, answer_tokens, keep=False) for _ in range(runs)]
     kept_ms = [round(1000 * statistics.median(t), 1) for t in zip(*kept, strict=True)]
     fresh_ms = [round(1000 * statistics.median(t), 1) for t in zip(*fresh, strict=True)]
     return {

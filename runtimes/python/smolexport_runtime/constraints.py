@@ -12,8 +12,10 @@ ConstraintError before anything is generated; it is never generated unconstraine
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Collection, Mapping
+import os
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -137,13 +139,17 @@ class ConstrainedSampler:
         self.matcher = grammar.matcher(response_format)
         self.vocab_size = grammar.vocab_size
         self._bitmask = np.full((1, (self.vocab_size + 31) // 32), -1, dtype=np.int32)
+        self._precomputed: np.ndarray | None = None  # the next mask, filled by precompute_masks
 
     def allowed(self) -> np.ndarray:
         """The grammar's allowed tokens now, as a boolean vector over the vocabulary."""
-        from llguidance.numpy import fill_next_token_bitmask
+        bitmask, self._precomputed = self._precomputed, None
+        if bitmask is None:
+            from llguidance.numpy import fill_next_token_bitmask
 
-        fill_next_token_bitmask(self.matcher, self._bitmask)
-        return np.unpackbits(self._bitmask.view(np.uint8), bitorder="little")[: self.vocab_size].astype(bool)
+            fill_next_token_bitmask(self.matcher, self._bitmask)
+            bitmask = self._bitmask
+        return np.unpackbits(bitmask.view(np.uint8), bitorder="little")[: self.vocab_size].astype(bool)
 
     def __call__(self, logits: np.ndarray) -> int:
         allowed = self.allowed()
@@ -163,6 +169,26 @@ class ConstrainedSampler:
         if tokens and not self.matcher.consume_tokens(tokens):
             raise ConstraintError(f"the grammar refused its own forced tokens: {self.matcher.get_error()}")
         return tokens
+
+
+def precompute_masks(samplers: Sequence[ConstrainedSampler]) -> None:
+    """Computes the next mask of every sampler in one llguidance call, which spreads the matchers over its
+    threads while the model is idle (the batch engine calls this between its forward pass and sampling the
+    rows); each sampler's next `allowed()` then uses its row."""
+    if len(samplers) < 2:
+        return
+    from llguidance.numpy import fill_next_token_bitmask_par
+
+    bitmask = np.full((len(samplers), samplers[0]._bitmask.shape[1]), -1, dtype=np.int32)
+    fill_next_token_bitmask_par(_executor(), [(s.matcher, i) for i, s in enumerate(samplers)], bitmask)
+    for i, sampler in enumerate(samplers):
+        sampler._precomputed = bitmask[i : i + 1]
+
+
+@functools.cache
+def _executor():
+    # One thread per core: masks run between forward passes, when onnxruntime's threads are idle.
+    return _llguidance().LLExecutor(num_threads=max(1, os.cpu_count() or 1))
 
 
 def _first_line(messages: list[str]) -> str:

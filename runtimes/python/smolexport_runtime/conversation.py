@@ -15,7 +15,7 @@ checksums and holds the token ids; loading it into another export is refused.
 from __future__ import annotations
 
 import threading
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,11 +23,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import RequestError, SmolexportRuntimeError
-from .generate import GenerationStats, fit_to_context, stream_tokens
+from .generate import GenerationStats, fit_to_context
+from .kv_cache import GrowingCache
 from .kv_state import CacheState
 from .manifest import is_weight_data
 from .prompt_cache import PromptCacheError, read_prompt_cache, refuse_foreign_file, write_prompt_cache
-from .sampling import Sampler, SamplingConfig, greedy
+from .sampling import SamplingConfig
+from .sequence import SequenceState, run_sequence
+from .session import KVBuffers
+from .speculation import Drafter, DraftModel, PromptLookup, check_speculation, new_draft_state
 
 if TYPE_CHECKING:
     from .model import Model, Prompt
@@ -35,77 +39,6 @@ if TYPE_CHECKING:
 
 class ConversationBusyError(SmolexportRuntimeError):
     """A conversation runs one generation at a time."""
-
-
-def generate_cached(
-    state: CacheState,
-    prompt_ids: Sequence[int],
-    sampler: Sampler,
-    max_new_tokens: int,
-    stats: GenerationStats,
-    reuse_generated: bool = False,
-    prompt_lookup: int = 0,
-) -> Generator[int, None, None]:
-    """`generate_tokens` on a kept cache: prefills only what the cache does not hold yet."""
-    if max_new_tokens <= 0:
-        return
-    stats.cached_tokens = state.reuse(prompt_ids, reuse_generated)
-    state.reserve(len(prompt_ids) + max_new_tokens)
-    logits = state.extend(prompt_ids[state.length :])
-    forced = getattr(sampler, "forced", None)  # a ConstrainedSampler: tokens its grammar forces next
-    lookup = prompt_lookup if sampler is greedy and forced is None else 0
-    produced = 0
-    while True:
-        step = [sampler(logits)]
-        if forced is not None:
-            step += forced(max_new_tokens - produced - 1)
-        draft = (
-            draft_from_context(state.tokens + step, lookup, max_new_tokens - produced - 1) if lookup else []
-        )
-        if draft:
-            # Prompt lookup: the token and a draft copied from earlier text run as one step; the draft is
-            # kept up to its first token that greedy decoding would not have chosen.
-            rows = state.verify([*step, *draft])
-            accepted = 0
-            while accepted < len(draft) and int(np.argmax(rows[accepted])) == draft[accepted]:
-                accepted += 1
-            state.truncate(state.length - (len(draft) - accepted))
-            stats.draft_tokens += len(draft)
-            stats.accepted_tokens += accepted
-            step += draft[:accepted]
-            logits = rows[accepted]
-        yield from step
-        produced += len(step)
-        if produced >= max_new_tokens:
-            return
-        if draft:
-            continue
-        # Forced tokens (a schema's fixed keys and punctuation) run as one multi-token step.
-        logits = state.decode(step[0]) if len(step) == 1 else state.extend(step)
-
-
-def draft_from_context(tokens: Sequence[int], size: int, limit: int, longest: int = 3) -> list[int]:
-    """Up to `size` tokens (and `limit`) that followed the latest earlier occurrence of the text's last n
-    tokens (the largest n up to `longest` that occurs): what an answer that quotes or rewrites its input
-    likely says next. One pass over the text, comparing further back only where the last token matches:
-    this runs every decode step."""
-    size = min(size, limit)
-    last = len(tokens) - 1
-    top = min(longest, last)
-    if size <= 0 or top <= 0:
-        return []
-    best_n, best_end = 0, -1
-    for end in range(last - 1, -1, -1):  # latest first: the first end to reach a length is the latest
-        if tokens[end] != tokens[last]:
-            continue
-        n = 1
-        while n < top and end - n >= 0 and tokens[end - n] == tokens[last - n]:
-            n += 1
-        if n > best_n:
-            best_n, best_end = n, end
-            if n == top:
-                break
-    return list(tokens[best_end + 1 : best_end + 1 + size]) if best_n else []
 
 
 class Conversation:
@@ -122,6 +55,7 @@ class Conversation:
         # The model's own conversation serves a second concurrent stream from a fresh, unkept cache instead
         # of refusing it: Model.stream from two threads worked before conversations existed.
         self._fall_back_when_busy = fall_back_when_busy
+        self._draft: tuple[Model, CacheState] | None = None  # a draft model and its cache, kept across turns
         self._lock = threading.Lock()
         self._busy = False
 
@@ -134,6 +68,7 @@ class Conversation:
         """Drops the cache and frees its memory (the next call prefills from scratch)."""
         with self._claim(fall_back=False):
             self.state.reset()
+            self._draft = None
 
     def stream(
         self,
@@ -149,13 +84,18 @@ class Conversation:
         stop: str | Sequence[str] | None = None,
         response_format: Any = None,
         prompt_lookup: int = 0,
+        draft_model: Model | None = None,
+        draft_tokens: int = 4,
     ) -> Iterator[str]:
         """Yields the completion piece by piece. Greedy unless temperature > 0; stats land in `last_stats`.
         `response_format` (a JSON Schema, a Pydantic model class, {"type": "json_object" | "json_schema" |
         "regex" | "lark", ...}) constrains the answer to it (constraints.py). `prompt_lookup=N` (greedy
         only): each step also checks up to N tokens copied from where the text's last tokens appeared before
         (prompt lookup decoding), all in one forward pass: faster on answers that quote or rewrite their
-        input; the same tokens as plain greedy on float exports (see generate_cached)."""
+        input; the same tokens as plain greedy on float exports (see sequence.run_sequence). `draft_model`
+        (greedy only): a smaller model with the same tokenizer drafts `draft_tokens` tokens a step, checked
+        likewise (speculation.py)."""
+        check_speculation(self.model, prompt_lookup, draft_model, draft_tokens)
         sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, greedy=greedy)
         sampler = self.model.sampler(sampling, response_format)
         stops = [stop] if isinstance(stop, str) else list(stop or ())
@@ -163,28 +103,38 @@ class Conversation:
         if not ids:
             raise RequestError("the prompt is empty: at least one token is needed to start generation")
         max_new_tokens = fit_to_context(len(ids), max_new_tokens, self.model.context_length)
-        stats = GenerationStats()
-        self.last_stats = self.model.last_stats = stats
-        tokens = self._tokens(ids, sampler, max_new_tokens, stats, prompt_lookup)
-        return stream_tokens(tokens, self.model.tokenizer, ids, stops, self.model.eos_token_ids, stats)
+        sequence = SequenceState.create(
+            sampler, self.model.tokenizer, len(ids), max_new_tokens, self.model.eos_token_ids, stops
+        )
+        self.last_stats = self.model.last_stats = sequence.stats
+        return self._run(ids, sequence, prompt_lookup, draft_model, draft_tokens)
 
     def generate(self, prompt: Prompt, **kwargs: Any) -> str:
         return "".join(self.stream(prompt, **kwargs))
 
-    def _tokens(
+    def _run(
         self,
         ids: list[int],
-        sampler: Sampler,
-        max_new_tokens: int,
-        stats: GenerationStats,
-        prompt_lookup: int = 0,
-    ) -> Generator[int, None, None]:
-        # The conversation is claimed at the first token asked for, not when stream() is called: a stream
+        sequence: SequenceState,
+        prompt_lookup: int,
+        draft_model: Model | None,
+        draft_tokens: int,
+    ) -> Iterator[str]:
+        # The conversation is claimed at the first piece asked for, not when stream() is called: a stream
         # that is never read holds nothing.
         with self._claim(self._fall_back_when_busy) as state:
-            yield from generate_cached(
-                state, ids, sampler, max_new_tokens, stats, self.reuse_generated, prompt_lookup
-            )
+            drafter: Drafter | None = PromptLookup(prompt_lookup) if prompt_lookup else None
+            if draft_model is not None:
+                drafter = DraftModel(draft_model, draft_tokens, self._draft_state(draft_model, state))
+            yield from run_sequence(state, sequence, ids, self.reuse_generated, drafter)
+
+    def _draft_state(self, draft_model: Model, state: CacheState) -> CacheState:
+        """The draft model's cache: kept with the conversation's (a fresh one for a fallback stream)."""
+        if state is not self.state:
+            return new_draft_state(draft_model)
+        if self._draft is None or self._draft[0] is not draft_model:
+            self._draft = (draft_model, new_draft_state(draft_model))
+        return self._draft[1]
 
     @contextmanager
     def _claim(self, fall_back: bool) -> Iterator[CacheState]:
@@ -275,29 +225,16 @@ class Conversation:
 
 def _cache_arrays(state: CacheState, length: int) -> list[np.ndarray]:
     """The first `length` positions of each key/value as [kv_heads, length, head_dim] arrays."""
-    arrays = getattr(state.cache, "arrays", None)
-    if arrays is None:
-        arrays = [v if isinstance(v, np.ndarray) else v.numpy() for v in state.cache]
-    return [np.ascontiguousarray(a[0, :, :length]) for a in arrays]
+    return [np.ascontiguousarray(a[0, :, :length]) for a in state.cache.host_arrays()]
 
 
 def _fill_cache(state: CacheState, arrays: list[np.ndarray]) -> None:
     length = arrays[0].shape[1]
-    buffers = getattr(state.cache, "arrays", None)
-    if buffers is not None:
-        for buffer, saved in zip(buffers, arrays, strict=True):
+    if isinstance(state.cache, KVBuffers) and state.cache.arrays is not None:  # CPU buffers: write in place
+        for buffer, saved in zip(state.cache.arrays, arrays, strict=True):
             buffer[0, :, :length] = saved
     elif state.capacity is None:  # a cache that grows by copying: the saved arrays are the cache
-        state.cache = [saved[None].copy() for saved in arrays]
+        state.cache = GrowingCache(saved[None].copy() for saved in arrays)
     else:  # a GPU buffer: rebuilt from the host, once per load
-        state.cache = state.decoder.grow_cache(_HostCache(arrays, state.capacity), length, state.capacity)
-
-
-class _HostCache(list):
-    """Saved arrays dressed as a preallocated cache, for `grow_cache` to copy onto a device."""
-
-    def __init__(self, arrays: list[np.ndarray], capacity: int) -> None:
-        super().__init__()
-        self.arrays = [a[None] for a in arrays]
-        self.capacity = capacity
-        self.batch = 1
+        host = GrowingCache(saved[None] for saved in arrays)
+        state.cache = state.decoder.grow_cache(host, length, state.capacity)

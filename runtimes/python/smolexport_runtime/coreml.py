@@ -72,9 +72,26 @@ def causal_mask(new_tokens: int, total: int) -> np.ndarray:
     return np.where(columns <= rows, 0.0, -np.inf).astype(np.float16)[None, None]
 
 
+class CoreMLCache(list):
+    """A kv_cache.KVCache over [handle]: the program's state (updated in place) and how many tokens it holds.
+    The state has room for the whole context, so it never grows (capacity None: nothing to reserve)."""
+
+    @property
+    def capacity(self) -> None:
+        return None
+
+    def truncated(self, length: int) -> CoreMLCache:
+        """Forgets the positions from `length` on (prefix reuse): the program writes each step at the cached
+        length and attends through the causal mask, so the state needs no change."""
+        self[0]["length"] = min(self[0]["length"], length)
+        return self
+
+    def host_arrays(self) -> list[np.ndarray]:
+        raise SmolexportRuntimeError("a Core ML program's state cannot be read out: no prompt cache files")
+
+
 class CoreMLDecoder:
-    """The runtime's decoder contract over a stateful Core ML program. The 'cache' is [handle]: the program's
-    state (updated in place) and how many tokens it holds."""
+    """The runtime's decoder contract over a stateful Core ML program; its cache is a `CoreMLCache`."""
 
     def __init__(self, runner: Runner, vocab_size: int, all_logits: bool = False):
         self.runner = runner
@@ -82,16 +99,10 @@ class CoreMLDecoder:
         self.vocab_size = vocab_size
         self.all_logits = all_logits  # exported with --all-logits: [1, S, vocab] instead of [1, 1, vocab]
 
-    def empty_cache(self, batch: int = 1, capacity: int | None = None) -> list[dict]:
+    def empty_cache(self, batch: int = 1, capacity: int | None = None) -> CoreMLCache:
         if batch != 1:
             raise SmolexportRuntimeError("Core ML exports generate one sequence at a time (batch 1)")
-        return [{"state": self.runner.new_state(), "length": 0}]
-
-    def truncate_cache(self, cache: list[dict], length: int) -> list[dict]:
-        """Forgets the positions from `length` on (prefix reuse): the program writes each step at the cached
-        length and attends through the causal mask, so the state needs no change."""
-        cache[0]["length"] = min(cache[0]["length"], length)
-        return cache
+        return CoreMLCache([{"state": self.runner.new_state(), "length": 0}])
 
     def _run(self, ids: np.ndarray, handle: dict) -> np.ndarray:
         total = handle["length"] + ids.shape[1]
@@ -102,17 +113,18 @@ class CoreMLDecoder:
 
     def forward(self, input_ids, attention_mask, position_ids, past: Sequence[dict], logits_to_keep: int = 0):
         handle = past[0]
+        cache = CoreMLCache([handle])
         if attention_mask.shape[1] != handle["length"] + input_ids.shape[1]:
             raise SmolexportRuntimeError(
                 "attention_mask does not match the cached length (Core ML: no padding)"
             )
         if logits_to_keep == 1 or input_ids.shape[1] == 1:
-            return self._run(input_ids, handle)[:, -1:], [handle]
+            return self._run(input_ids, handle)[:, -1:], cache
         if self.all_logits:
-            return self._run(input_ids, handle), [handle]
+            return self._run(input_ids, handle), cache
         # The program returns the last position only: all positions means one token at a time.
         rows = [self._run(input_ids[:, i : i + 1], handle) for i in range(input_ids.shape[1])]
-        return np.concatenate(rows, axis=1), [handle]
+        return np.concatenate(rows, axis=1), cache
 
 
 def load_coreml(

@@ -5,20 +5,18 @@ A decoder is anything with `empty_cache(batch, capacity=None)` and `forward(inpu
 position_ids, past)` (see session.OnnxDecoder), so the loop is testable with a stub. `capacity` (prompt +
 answer length) lets a decoder allocate its cache once; one that ignores it may grow its cache instead.
 Generation is batch 1 without padding, so the attention mask is all ones and positions are 0..n-1;
-`position_ids_from_mask` covers padded batches.
+`position_ids_from_mask` covers padded batches. The per-sequence state (sampling, stops, stats) and the loop
+that streams text are in sequence.py.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Collection, Generator, Iterable, Iterator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import numpy as np
-from tokenizers import Tokenizer
 
-from .detokenize import StreamingDetokenizer
 from .errors import ContextLengthError, RequestError
 from .sampling import Sampler
 
@@ -161,75 +159,3 @@ def fit_to_context(prompt_tokens: int, max_new_tokens: int, context_length: int 
             f"{context_length} tokens, which leaves no room to generate; shorten the prompt"
         )
     return min(max_new_tokens, context_length - prompt_tokens)
-
-
-def stream_generate(
-    decoder: Decoder,
-    tokenizer: Tokenizer,
-    prompt_ids: Sequence[int],
-    sampler: Sampler,
-    *,
-    max_new_tokens: int,
-    eos_token_ids: Collection[int] = (),
-    stop: Iterable[str] = (),
-    context_length: int | None = None,
-    stats: GenerationStats | None = None,
-) -> Iterator[str]:
-    """Streams text pieces from a fresh cache. Arguments are checked here, before the first `next()`, so a
-    prompt that does not fit raises at the call site rather than inside the consumer's loop."""
-    prompt_ids = list(prompt_ids)
-    if not prompt_ids:
-        raise RequestError("the prompt is empty: at least one token is needed to start generation")
-    max_new_tokens = fit_to_context(len(prompt_ids), max_new_tokens, context_length)
-    stats = stats if stats is not None else GenerationStats()
-    tokens = generate_tokens(decoder, prompt_ids, sampler, max_new_tokens)
-    return stream_tokens(tokens, tokenizer, prompt_ids, stop, eos_token_ids, stats)
-
-
-def stream_tokens(
-    tokens: Generator[int, None, None],
-    tokenizer: Tokenizer,
-    prompt_ids: Sequence[int],
-    stop: Iterable[str],
-    eos_token_ids: Collection[int],
-    stats: GenerationStats,
-) -> Iterator[str]:
-    """Text pieces from a token generator: detokenized, cut at stop strings and eos, with stats filled in."""
-    stats.prompt_tokens = len(prompt_ids)
-    return _stream(tokens, StreamingDetokenizer(tokenizer, stop), frozenset(eos_token_ids), stats)
-
-
-def _stream(
-    tokens: Generator[int, None, None],
-    detokenizer: StreamingDetokenizer,
-    eos: frozenset[int],
-    stats: GenerationStats,
-) -> Iterator[str]:
-    start = time.perf_counter()
-    first = start
-    try:
-        for count, token in enumerate(tokens, 1):
-            now = time.perf_counter()
-            if count == 1:
-                first = now
-                stats.ttft_s = now - start
-            elif now > first:
-                stats.decode_tok_s = (count - 1) / (now - first)
-            stats.completion_tokens = count
-            if token in eos:
-                stats.finish_reason = "stop"
-                break
-            piece = detokenizer.add(token)
-            if detokenizer.stopped:
-                stats.finish_reason = "stop"
-            if piece:
-                yield piece
-            if detokenizer.stopped:
-                break
-        else:
-            stats.finish_reason = "length"
-        if tail := detokenizer.finish():
-            yield tail
-    finally:
-        tokens.close()  # releases the KV cache now rather than whenever the generator is collected
-        stats.total_s = time.perf_counter() - start

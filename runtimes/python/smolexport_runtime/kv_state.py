@@ -5,8 +5,9 @@ one per row of its batch. The cache holds exactly `tokens`: the ids are appended
 that wrote their keys and values returned, so a stream closed mid-way, a stop string, or an error leaves a
 state that is still true, and the next prompt reuses the longest common prefix of the two id lists.
 
-With GroupQueryAttention's shared buffer, dropping the tail of the cache is just a shorter length: the graph
-reads each row's length from the attention mask, and the next write overwrites the stale positions.
+The cache itself is a kv_cache.KVCache (a preallocated buffer, a cache that grows by copying, or a Core ML
+state): with GroupQueryAttention's shared buffer, dropping the tail of the cache is just a shorter length, as
+the graph reads each row's length from the attention mask and the next write overwrites the stale positions.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from .generate import PREFILL_CHUNK, Decoder, decode_one_token, extend, ones_mask, prefill_chunks
+from .kv_cache import KVCache, as_kv_cache
 
 # Capacities are rounded up to this many positions, so a conversation grows its buffer rarely.
 CAPACITY_STEP = 256
@@ -40,7 +42,13 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 class CacheState:
     """A decoder cache and the ids it holds. `limit` bounds the capacity (the model's context length)."""
 
-    def __init__(self, decoder: Decoder, limit: int | None = None, cache=None, tokens: Sequence[int] = ()):
+    def __init__(
+        self,
+        decoder: Decoder,
+        limit: int | None = None,
+        cache: KVCache | None = None,
+        tokens: Sequence[int] = (),
+    ):
         self.decoder = decoder
         self.limit = limit
         self.cache = cache
@@ -49,13 +57,21 @@ class CacheState:
         self.prefilled = len(self.tokens)
 
     @property
+    def cache(self) -> KVCache | None:
+        return self._cache
+
+    @cache.setter
+    def cache(self, cache) -> None:
+        self._cache = as_kv_cache(cache)  # a decoder written to the plain contract returns lists
+
+    @property
     def length(self) -> int:
         return len(self.tokens)
 
     @property
     def capacity(self) -> int | None:
         """Positions the preallocated buffer holds; None for a cache that grows by copying each step."""
-        return getattr(self.cache, "capacity", None)
+        return None if self.cache is None else self.cache.capacity
 
     def reset(self) -> None:
         """Forgets the tokens and frees the buffer."""
@@ -84,13 +100,8 @@ class CacheState:
             return
         self.tokens = self.tokens[:length]
         self.prefilled = min(self.prefilled, length)
-        if self.cache is None or self.capacity is not None:
-            return  # a preallocated buffer: the next write overwrites positions >= length
-        if hasattr(self.decoder, "truncate_cache"):  # a cache the decoder keeps its own way (Core ML states)
-            self.cache = self.decoder.truncate_cache(self.cache, length)
-            return
-        # A growing cache is a list of [batch, kv_heads, seq, head_dim] arrays or OrtValues: cut them.
-        self.cache = [np.ascontiguousarray(_to_numpy(c)[:, :, :length]) for c in self.cache]
+        if self.cache is not None:
+            self.cache = self.cache.truncated(length)
 
     def reserve(self, needed: int) -> None:
         """Makes room for `needed` tokens in all: allocates the buffer, or grows it (doubling, rounded up to
@@ -148,7 +159,3 @@ class CacheState:
         logits, self.cache, _ = decode_one_token(self.decoder, token, self.cache, self.length)
         self.tokens.append(token)
         return logits
-
-
-def _to_numpy(value) -> np.ndarray:
-    return value if isinstance(value, np.ndarray) else value.numpy()

@@ -200,7 +200,8 @@ class Model:
 
     def stream(self, prompt: Prompt, **kwargs: Any) -> Iterator[str]:
         """Yields the completion piece by piece; stats land in `last_stats`. Keywords: chat, max_new_tokens,
-        temperature, top_k, top_p, seed, greedy, stop (see Conversation.stream). Reuses the cached prefix of
+        temperature, top_k, top_p, seed, greedy, stop, response_format, prompt_lookup, draft_model,
+        draft_tokens (see Conversation.stream). Reuses the cached prefix of
         the previous call; a second stream running at the same time gets a fresh cache of its own."""
         return self.default_conversation.stream(prompt, **kwargs)
 

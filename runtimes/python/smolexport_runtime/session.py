@@ -4,7 +4,8 @@ The cache is a flat list `[key 0, value 0, key 1, value 1, ...]` shaped `[batch,
 the same order in which `forward` returns the presents, so a decode step simply feeds back what the previous
 step returned. `forward` returns the presents as onnxruntime OrtValues bound through IO binding: they stay
 where the execution provider put them (on the GPU with CUDA) and go back in without a copy through numpy.
-`empty_cache` gives numpy arrays, and `forward` accepts either.
+`empty_cache` gives numpy arrays, and `forward` accepts either. Both kinds of cache (a preallocated
+`KVBuffers` or a `GrowingCache`) are kv_cache.KVCache.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import ManifestError, SmolexportRuntimeError
+from .kv_cache import GrowingCache, KVCache
 from .manifest import Manifest
 
 # Short names accepted in `providers`; full onnxruntime names are accepted too.
@@ -83,6 +85,14 @@ class KVBuffers(list):
     @property
     def batch(self) -> int:
         return self[0].shape()[0]
+
+    def truncated(self, length: int) -> KVBuffers:
+        """Nothing to cut: the attention mask gives the length, and the next write overwrites the rest."""
+        return self
+
+    def host_arrays(self) -> list[np.ndarray]:
+        """Views of the buffers on CPU; copies from a GPU."""
+        return self.arrays if self.arrays is not None else [v.numpy() for v in self]
 
     def rows(self, start: int, stop: int) -> KVBuffers:
         """Rows start..stop-1 as buffers of their own, sharing this memory (CPU only): a slice of the first
@@ -210,7 +220,7 @@ class OnnxDecoder:
                 "Re-export it."
             )
 
-    def empty_cache(self, batch: int = 1, capacity: int | None = None) -> list[np.ndarray] | KVBuffers:
+    def empty_cache(self, batch: int = 1, capacity: int | None = None) -> GrowingCache | KVBuffers:
         """A cache holding no tokens, as the first call of a sequence expects.
 
         With `capacity` (prompt + tokens to generate) and a GroupQueryAttention graph, the cache is one buffer
@@ -232,13 +242,13 @@ class OnnxDecoder:
                 # An onnxruntime whose numpy() copies: no row views (no batched slots), copies to grow.
             return KVBuffers(values, capacity)
         shape = (batch, self.num_kv_heads, 0, self.head_dim)
-        return [np.zeros(shape, dtype=self.kv_dtype) for _ in self.past_names]
+        return GrowingCache(np.zeros(shape, dtype=self.kv_dtype) for _ in self.past_names)
 
-    def grow_cache(self, cache: KVBuffers, length: int, capacity: int) -> KVBuffers:
+    def grow_cache(self, cache: KVCache, length: int, capacity: int) -> KVBuffers:
         """A larger preallocated cache holding the first `length` positions of `cache` (any batch)."""
-        grown = self.empty_cache(cache.batch, capacity=capacity)
-        for i in range(len(grown)):
-            old = cache.arrays[i] if cache.arrays is not None else cache[i].numpy()
+        olds = cache.host_arrays()
+        grown = self.empty_cache(olds[0].shape[0], capacity=capacity)
+        for i, old in enumerate(olds):
             if grown.arrays is not None:
                 grown.arrays[i][:, :, :length] = old[:, :, :length]
             else:  # a GPU buffer: filled through the host, once per growth
@@ -318,4 +328,4 @@ class OnnxDecoder:
         # get_outputs lists outputs in the order they were first bound: the cache first, then the logits.
         if shared:
             return outputs[-1].numpy(), past
-        return outputs[-1].numpy(), outputs[:-1]
+        return outputs[-1].numpy(), GrowingCache(outputs[:-1])
