@@ -242,6 +242,11 @@ def run_command(
             schema = json.loads(schema_file.read_text(encoding="utf-8"))
         except (ValueError, OSError) as exc:
             raise UsageError(f"--json-schema {schema_file} is not a JSON file: {exc}") from None
+    sampled = not greedy and (temperature or 0) > 0
+    if (prompt_lookup or draft_model is not None) and (sampled or schema_file is not None):
+        # The runtime would quietly decode without speculation: say so before loading anything.
+        raise UsageError("--prompt-lookup and --draft-model speed up greedy, unconstrained answers only: "
+                         "drop --temperature or --json-schema")  # fmt: skip
     model = load(export_dir, providers=provider, threads=threads)
     drafter = load(draft_model, providers=provider, threads=threads) if draft_model is not None else None
     if raw:

@@ -28,7 +28,15 @@ def speculation_options(scope: str) -> Callable:
             help=f"{scope}: an export of a smaller model with the same tokenizer (SmolLM2-135M for the 1.7B) that "
             "drafts --draft-tokens tokens the model checks in one step (the same text on float exports).",
         ),
-        click.option("--draft-tokens", type=click.IntRange(1, 64), default=4, show_default=True, metavar="N"),
+        click.option(
+            "--draft-tokens",
+            type=click.IntRange(1, 64),
+            default=3,
+            show_default=True,
+            metavar="N",
+            # 2-3 won at 1.7B shapes for acceptance 0.8-0.9 (benchmarks/README.md, "Verification cost").
+            help="Tokens the --draft-model drafts per step.",
+        ),
     ]
 
     def decorate(command: Callable) -> Callable:

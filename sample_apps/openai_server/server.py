@@ -258,7 +258,7 @@ def make_server(
     max_connections: int = MAX_CONNECTIONS,
     prompt_lookup: int = 0,
     draft_model: Model | None = None,
-    draft_tokens: int = 4,
+    draft_tokens: int = 3,
 ) -> OpenAIServer:
     """Loads the export (or takes a loaded `model`) and binds the server; port 0 picks a free port.
     Run it with `server.serve_forever()`, stop it with `server.shutdown()` then `server.server_close()`.

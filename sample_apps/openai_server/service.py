@@ -43,7 +43,7 @@ class ModelService:
     # Speculative decoding for a greedy request decoding alone (BatchEngine, speculation.py).
     prompt_lookup: int = 0
     draft_model: Model | None = None
-    draft_tokens: int = 4
+    draft_tokens: int = 3
     created: int = field(default_factory=lambda: int(time.time()))
     stats: ServiceStats = field(default_factory=ServiceStats)
 

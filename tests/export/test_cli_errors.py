@@ -300,6 +300,7 @@ def test_validate_asks_for_the_reference_of_a_local_source(tiny_export, tiny_mod
         (["  ", "--max-new-tokens", "2"], 2, "PROMPT is empty"),
         (["w5", "--temperature", "nan"], 1, "temperature must be a finite number"),
         (["w5", "--system", "\udcff"], 2, "--system is not valid UTF-8"),
+        (["w5", "--prompt-lookup", "4", "--temperature", "0.7"], 2, "greedy, unconstrained answers only"),
     ],
 )
 def test_run_refuses_bad_arguments_in_one_line(tiny_export, args, code, fragment):

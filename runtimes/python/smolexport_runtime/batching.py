@@ -126,7 +126,7 @@ class BatchEngine:
         reuse_generated: bool = False,
         prompt_lookup: int = 0,
         draft_model=None,
-        draft_tokens: int = 4,
+        draft_tokens: int = 3,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")

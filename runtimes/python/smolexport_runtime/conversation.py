@@ -85,7 +85,7 @@ class Conversation:
         response_format: Any = None,
         prompt_lookup: int = 0,
         draft_model: Model | None = None,
-        draft_tokens: int = 4,
+        draft_tokens: int = 3,
     ) -> Iterator[str]:
         """Yields the completion piece by piece. Greedy unless temperature > 0; stats land in `last_stats`.
         `response_format` (a JSON Schema, a Pydantic model class, {"type": "json_object" | "json_schema" |
