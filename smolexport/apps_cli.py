@@ -117,6 +117,10 @@ def serve_command(
     context, timeout, max_connections, prompt_lookup, draft_model, draft_tokens, provider, threads, quiet,
 ):  # fmt: skip
     """Serve an export with an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models)."""
+    if api_key is not None and (not api_key.strip() or api_key != api_key.strip()):
+        # An empty key would turn authentication off unnoticed; one padded with spaces (a .env file) never
+        # matches, since clients' keys are compared stripped.
+        raise click.UsageError("--api-key / SMOLEXPORT_API_KEY is empty or starts or ends with whitespace")
     try:
         server_module = sample_app("openai_server")
     except ModuleNotFoundError as exc:

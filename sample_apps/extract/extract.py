@@ -110,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         target = json.loads(args.schema.read_text()) if args.schema else resolve_type(args.type)
+        if args.schema and not isinstance(target, dict):
+            raise ValueError(f"{args.schema} holds no JSON Schema object")
         text = args.input.read_text() if args.input else sys.stdin.read()
         if not text.strip():
             raise ValueError("no text to extract from (pipe it in, or give --input FILE)")

@@ -23,6 +23,12 @@ ROLES = {"system": "system", "developer": "system", "user": "user", "assistant":
 # Request fields this server does not implement, refused with a 400 instead of being silently ignored (a client
 # that relies on them would otherwise get free text and no signal).
 UNSUPPORTED = ("functions", "function_call", "logit_bias")
+# Fields whose other values change the answer in ways this server does not implement: allowed only at their
+# default, refused otherwise (never ignored).
+UNSUPPORTED_UNLESS_DEFAULT = {"logprobs": False, "top_logprobs": 0, "presence_penalty": 0, "frequency_penalty": 0}
+UNSUPPORTED_COMPLETIONS_UNLESS_DEFAULT = {
+    "logprobs": None, "echo": False, "suffix": "", "best_of": 1, "presence_penalty": 0, "frequency_penalty": 0,
+}  # fmt: skip
 SSE_DONE = b"data: [DONE]\n\n"
 
 
@@ -120,6 +126,12 @@ def parse_request(
     for key in UNSUPPORTED:
         if body.get(key) not in (None, [], {}, "none"):
             raise ApiError(400, f"{key} is not supported by this server", param=key, code="unsupported_parameter")
+    for key, default in (UNSUPPORTED_UNLESS_DEFAULT if chat else UNSUPPORTED_COMPLETIONS_UNLESS_DEFAULT).items():
+        if body.get(key) not in (None, default):
+            raise ApiError(
+                400, f"{key} is not supported by this server (only {default!r})", param=key,
+                code="unsupported_parameter",
+            )  # fmt: skip
     prompt = _messages(body) if chat else _completion_prompt(body)
     tools, tool_choice, parallel = _tools(body) if chat else (None, None, True)
     response_format = _response_format(body)
@@ -134,12 +146,18 @@ def parse_request(
     elif chat and any(m["role"] == "tool" or m.get("tool_calls") for m in prompt):
         raise invalid("tools", "a history with tool calls or tool results needs the tools that made them")
     max_key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    stream = body.get("stream") or False
-    if not isinstance(stream, bool):
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool | None):
         raise invalid("stream", "stream must be a boolean")
-    options = body.get("stream_options") or {}
+    options = body.get("stream_options")
+    if options is not None and not stream:
+        raise invalid("stream_options", "stream_options is only allowed when stream is true")
+    options = options or {}
     if not isinstance(options, dict):
         raise invalid("stream_options", "stream_options must be an object")
+    include_usage = options.get("include_usage", False)
+    if not isinstance(include_usage, bool | None):
+        raise invalid("stream_options", "stream_options.include_usage must be a boolean")
     return GenerationRequest(
         prompt=prompt,
         chat=chat,
@@ -148,8 +166,8 @@ def parse_request(
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0),
         seed=_seed(body),
         stop=_stop(body),
-        stream=stream,
-        include_usage=bool(options.get("include_usage")),
+        stream=bool(stream),
+        include_usage=bool(include_usage),
         response_format=response_format,
         tools=tools,
         tool_choice=tool_choice,
@@ -160,7 +178,11 @@ def _number(body: dict, key: str, default: float, low: float, high: float) -> fl
     value = body.get(key)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise invalid(key, f"{key} must be a number")
+    if isinstance(value, int) and not low <= value <= high:  # a huge JSON integer overflows a float
+        raise invalid(key, f"{key} must be between {low:g} and {high:g}")
+    if not math.isfinite(value):
         raise invalid(key, f"{key} must be a number")
     if not low <= value <= high:
         raise invalid(key, f"{key} must be between {low:g} and {high:g}, got {value:g}")

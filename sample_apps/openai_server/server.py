@@ -37,6 +37,7 @@ from .transport import CONNECTION_KEY, MAX_BODY_BYTES, ConnectionInfo, create_ap
 
 REQUEST_TIMEOUT = 60.0  # seconds a request may take to arrive, head and body
 MAX_CONNECTIONS = 512  # open connections; past them a request gets 503 and its connection closes
+HARD_LIMIT_FACTOR = 2  # past this many times MAX_CONNECTIONS a new connection is closed at once, unanswered
 KEEP_ALIVE = 5  # seconds an idle kept-alive connection stays open
 GRACEFUL_SHUTDOWN = 5  # seconds running generations get to finish at shutdown, then the engine stops
 
@@ -52,7 +53,8 @@ class Connection(H11Protocol):
       sending side once its request is out never gets the answer. While a request is under way the sending
       side stays open here, and the app is told (ConnectionInfo.eof: it probes whether the client is gone).
     - The connection bound in OpenAI's shape: uvicorn's `limit_concurrency` answers plain text; here the
-      count is made as uvicorn makes it, and the app answers 503 with an OpenAI error.
+      count is made as uvicorn makes it, and the app answers 503 with an OpenAI error. Past twice the bound
+      a new connection is closed at once (idle sockets send no head to answer).
 
     The app also gets `transport.abort` (ConnectionInfo.abort), to drop a client that stopped reading.
     """
@@ -70,6 +72,12 @@ class Connection(H11Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        limit = self.max_connections
+        if limit is not None and len(self.connections) > HARD_LIMIT_FACTOR * limit:
+            # Idle sockets past the bound get no 503 (that needs a request head): without this cut, thousands
+            # of them would each hold a file descriptor for the head timeout, until accept() fails for all.
+            transport.close()
+            return
         self._arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -105,10 +113,15 @@ class Connection(H11Protocol):
         return True  # keep the sending side open for the answer
 
     def on_response_complete(self) -> None:
+        # A pipelined request, sent while this one was answered, waited in the buffer: its time starts now
+        # (uvicorn's super() starts it at once if its head is complete).
+        self._started = self.loop.time()
         super().on_response_complete()
         idle = self.cycle is None or self.cycle.response_complete
         if self._peer_eof and idle and not self.transport.is_closing():
             self.transport.close()  # the client has sent all it will
+        elif idle and self._timer is None and self.conn.trailing_data[0]:
+            self._arm()  # part of a pipelined head is here: the same deadline as one that starts now
 
     def send_400_response(self, msg: str) -> None:
         """A request h11 cannot parse (garbage, a bad header, a head over h11's size limit): OpenAI's shape."""

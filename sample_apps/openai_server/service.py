@@ -8,12 +8,15 @@ shows). `Generation` is a submitted generation's pieces as a plain iterator, for
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from smolexport_runtime import ContextLengthError, Model, SamplingConfig, SmolexportRuntimeError
+from smolexport_runtime import tools as tool_calling
 from smolexport_runtime.batching import BatchEngine, BatchRequest, EngineStoppedError, QueueFullError
 from smolexport_runtime.constraints import ConstraintError
 
@@ -118,12 +121,24 @@ class ModelService:
         return ids
 
     def start(self, request: GenerationRequest, ids: list[int]) -> Generation:
-        """Submits a generation (503 past the queue). Always `close()` what it returns, read or not."""
+        """Submits a generation (503 past the queue). Always `close()` what it returns, read or not.
+
+        Under tool_choice "auto", SmolLM2's trained answer for "no tool needed" is an empty call list; the
+        client asked for text in that case, so the generation then answers the same prompt again under
+        tool_choice "none" (its slot still holds the prompt's cache) and returns that text instead."""
+        submitted = self._submit(request, ids, request.response_format)
+        follow_up = None
+        if request.tools and request.tool_choice == "auto":
+            text_only = tool_calling.grammar(request.tools, "none")
+            follow_up = lambda: self._submit(request, ids, text_only)  # noqa: E731
+        return Generation(self, submitted, follow_up)
+
+    def _submit(self, request: GenerationRequest, ids: list[int], response_format: Any) -> BatchRequest:
         try:
             options = request.sampling()
             sampling = SamplingConfig(temperature=options["temperature"], top_p=options["top_p"], seed=options["seed"])
             submitted = self.engine.submit(
-                ids, sampling, options["max_new_tokens"], request.stop, response_format=request.response_format
+                ids, sampling, options["max_new_tokens"], request.stop, response_format=response_format
             )
         except QueueFullError:
             raise server_busy() from None
@@ -139,7 +154,7 @@ class ModelService:
         with self._stats_lock:
             self.stats.requests += 1
             self.stats.running[id(submitted)] = submitted.stats
-        return Generation(self, submitted)
+        return submitted
 
     def book(self, submitted: BatchRequest, cancelled: bool) -> None:
         with self._stats_lock:
@@ -149,22 +164,39 @@ class ModelService:
             self.stats.tokens_done += submitted.stats.completion_tokens
 
 
+# The answer SmolLM2 is trained to give under tool_choice "auto" when no tool is needed.
+NO_CALLS = tool_calling.call_block([])
+
+
 class Generation:
     """A running generation's pieces. `cancel()` stops it (any thread, never blocks); `close()` also waits for
     the engine to let go of it and books it in the service's stats, also when it was never read. Closing twice
-    is harmless; a generation stopped before its end counts as cancelled."""
+    is harmless; a generation stopped before its end counts as cancelled.
 
-    def __init__(self, service: ModelService, submitted: BatchRequest) -> None:
+    With `follow_up` (tool_choice "auto"), an answer that is the empty call list is not passed on: the pieces
+    that could still become it are held, and if it ends so, `follow_up()` submits the text answer that
+    replaces it."""
+
+    def __init__(
+        self, service: ModelService, submitted: BatchRequest, follow_up: Callable[[], BatchRequest] | None = None
+    ) -> None:
         self._service, self._submitted = service, submitted
         self._pieces = submitted.pieces()
+        self._follow_up = follow_up
+        self._held = ""  # the start of an answer that may be NO_CALLS
+        self._earlier_tokens = 0  # tokens of a replaced answer: usage counts every token generated
         self._abandoned = False
+        self._stopped = False  # cancelled or closed: no follow-up starts after this
         self._closed = False
         self._lock = threading.Lock()
 
     @property
     def stats(self) -> Any:
         """The runtime's GenerationStats: live while it runs, final once the pieces ended."""
-        return self._submitted.stats
+        stats = self._submitted.stats
+        if not self._earlier_tokens:
+            return stats
+        return dataclasses.replace(stats, completion_tokens=stats.completion_tokens + self._earlier_tokens)
 
     def __iter__(self) -> Generation:
         return self
@@ -173,21 +205,55 @@ class Generation:
         if self._abandoned or self._closed:
             raise StopIteration  # cancelled: stop now rather than at the engine's next step
         try:
-            return next(self._pieces)
+            return self._next_piece()
         except BaseException:
             self.close()
             raise
 
+    def _next_piece(self) -> str:
+        while True:
+            piece = next(self._pieces, None)
+            if piece is None:  # this answer ended
+                held, self._held = self._held, ""
+                if held == NO_CALLS and self._follow_up is not None:
+                    self._replace()
+                    continue
+                if held:
+                    return held  # a prefix of NO_CALLS cut short: the next call ends the iteration
+                raise StopIteration
+            if self._follow_up is None:
+                return piece
+            self._held += piece
+            if not NO_CALLS.startswith(self._held):
+                self._follow_up = None  # text or calls: everything passes from now on
+                held, self._held = self._held, ""
+                return held
+
+    def _replace(self) -> None:
+        """Books the empty-call answer and submits its text replacement, unless the client left meanwhile."""
+        follow_up, self._follow_up = self._follow_up, None
+        with self._lock:
+            if self._stopped:
+                raise StopIteration
+            first = self._submitted
+            self._submitted = follow_up()  # type: ignore[misc]
+            self._pieces = self._submitted.pieces()
+        self._earlier_tokens += first.stats.completion_tokens
+        self._service.book(first, cancelled=False)
+
     def cancel(self) -> None:
-        if not self._submitted.done.is_set():
+        with self._lock:
+            self._stopped = True
+            submitted = self._submitted
+        if not submitted.done.is_set():
             self._abandoned = True
-        self._submitted.cancel()  # a no-op for a finished generation
+        submitted.cancel()  # a no-op for a finished generation
 
     def close(self) -> None:
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-        self.cancel()
+        self.cancel()  # after it no follow-up replaces self._submitted
         self._submitted.done.wait()  # the engine frees the slot at its next step
         self._service.book(self._submitted, cancelled=self._abandoned)

@@ -175,6 +175,12 @@ def test_serve_reports_a_port_in_use(tiny_export):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("key", ["", "  ", " secret", "secret\n"])
+def test_serve_refuses_an_api_key_that_could_never_match_or_is_empty(tiny_export, key):
+    result = run_cli(["serve", str(tiny_export), "--port", "0", "--api-key", key])
+    assert result.returncode == 2 and "--api-key" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_apps_do_not_import_torch():
     modules = ["sample_apps.openai_server.server", "sample_apps.terminal_chat.chat", "smolexport.apps_cli",
                "sample_apps.builtin_tools", "sample_apps.extract.extract"]  # fmt: skip

@@ -63,8 +63,11 @@ def test_the_command_prints_an_object_of_the_type(tmp_path):
     jsonschema.validate(json.loads(result.stdout), ORDER_SCHEMA)
 
 
-def test_errors_are_one_line():
-    for args, stdin, message in [((), "  \n", "no text"), (("--type", "nope"), "hi", "--type must be")]:
+def test_errors_are_one_line(tmp_path):
+    not_an_object = tmp_path / "true.json"
+    not_an_object.write_text("true")
+    for args, stdin, message in [((), "  \n", "no text"), (("--type", "nope"), "hi", "--type must be"),
+                                 (("--schema", str(not_an_object)), "hi", "no JSON Schema object")]:  # fmt: skip
         result = run(*args, stdin=stdin)
         assert result.returncode == 1 and result.stderr.startswith("error: ") and message in result.stderr
         assert "Traceback" not in result.stderr and not result.stdout

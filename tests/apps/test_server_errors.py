@@ -564,6 +564,30 @@ def test_a_trickled_head_is_closed_at_the_timeout(quick_server, after_a_request)
     assert sent < data.index(b"\r\n\r\n") and seconds < TIMEOUT + 1.5, (sent, seconds)
 
 
+@pytest.fixture
+def slow_quick_server(tiny_export):
+    """20 ms per token and no eos, a 1 s request timeout."""
+    yield from serving(make_server(port=0, model=slow_model(tiny_export, 0.02), model_name="tiny", timeout=1.0))
+
+
+def test_a_pipelined_request_gets_its_own_deadline(slow_quick_server):
+    """The review: a request sent right behind a 2-second answer on the same connection waited in the buffer
+    and then got 408, its deadline counted from the first request's start."""
+
+    def post(body: dict, close: bool = False) -> bytes:
+        raw = json.dumps(body)
+        extra = "Connection: close\r\n" if close else ""
+        return f"POST {CHAT} HTTP/1.1\r\nHost: x\r\n{extra}Content-Length: {len(raw)}\r\n\r\n{raw}".encode()
+
+    long = post({"model": "tiny", "messages": USER, "max_tokens": 100})  # 2 s at 20 ms a token
+    short = post({"model": "tiny", "messages": USER, "max_tokens": 2}, close=True)
+    with socket.create_connection(slow_quick_server.server_address[:2], timeout=30) as sock:
+        sock.sendall(long + short)
+        replies = read_all(sock)
+    assert replies.count(b"HTTP/1.1 200") == 2, replies[:300]
+    assert b"408" not in replies.split(b"\r\n", 1)[0]
+
+
 def test_idle_connections_take_no_threads_and_are_closed(quick_server):
     """The probe: 200 idle connections made 206 threads. Here they cost no thread, the server answers while
     they are open, and it closes them once the timeout passes."""
@@ -601,6 +625,30 @@ def test_past_max_connections_requests_get_503(tiny_model):
             sock.close()
         wait_until(lambda: not srv._server.server_state.connections, what="the connections to close")
         assert request(srv, "GET", "/v1/models")[0] == 200
+    finally:
+        for sock in idle:
+            sock.close()
+        srv.shutdown()
+        srv.server_close()
+        thread.join(5)
+
+
+def test_idle_connections_past_twice_the_bound_are_closed_at_once(tiny_model):
+    """The review: the bound applied only once a request head was complete, so idle sockets could pile up
+    until the process ran out of file descriptors."""
+    srv = make_server(port=0, model=tiny_model, model_name="tiny", max_connections=4)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    idle = []
+    try:
+        for _ in range(8):  # twice the bound: kept open, waiting for their heads
+            idle.append(socket.create_connection(srv.server_address[:2], timeout=30))
+        wait_until(lambda: len(srv._server.server_state.connections) == 8, what="the connections to be accepted")
+        extra = [socket.create_connection(srv.server_address[:2], timeout=5) for _ in range(3)]
+        idle += extra
+        for sock in extra:
+            assert read_all(sock) == b""  # closed at once (the head timeout is 60 s)
+        assert len(srv._server.server_state.connections) == 8
     finally:
         for sock in idle:
             sock.close()

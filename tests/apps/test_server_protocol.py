@@ -147,6 +147,16 @@ BAD = [
     ({"model": "tiny", "messages": USER, "n": 2}, 400, "invalid_value", "n"),
     ({"model": "tiny", "messages": USER, "stream": 1}, 400, "invalid_value", "stream"),
     ({"model": "tiny", "messages": USER, "stream_options": "usage"}, 400, "invalid_value", "stream_options"),
+    ({"model": "tiny", "messages": USER, "stream": True, "stream_options": {"include_usage": "false"}}, 400,
+     "invalid_value", "stream_options"),
+    ({"model": "tiny", "messages": USER, "stream_options": {"include_usage": True}}, 400, "invalid_value",
+     "stream_options"),  # without stream
+    ({"model": "tiny", "messages": USER, "temperature": 10**400}, 400, "invalid_value", "temperature"),
+    ({"model": "tiny", "messages": USER, "top_p": -(10**400)}, 400, "invalid_value", "top_p"),
+    ({"model": "tiny", "messages": USER, "logprobs": True}, 400, "unsupported_parameter", "logprobs"),
+    ({"model": "tiny", "messages": USER, "top_logprobs": 3}, 400, "unsupported_parameter", "top_logprobs"),
+    ({"model": "tiny", "messages": USER, "presence_penalty": 0.5}, 400, "unsupported_parameter",
+     "presence_penalty"),
     ({"model": "tiny", "messages": USER, "function_call": "auto"}, 400, "unsupported_parameter", "function_call"),
     ({"model": "tiny", "messages": USER, "logit_bias": {"5": 1}}, 400, "unsupported_parameter", "logit_bias"),
     ({"model": "tiny", "messages": USER, "response_format": "json"}, 400, "invalid_value", "response_format.type"),
@@ -182,6 +192,18 @@ def test_bad_chat_requests(body, status, code, param):
 def test_bad_completion_requests(body, code):
     error = error_of(body, chat=False)
     assert (error.status, error.code, error.param) == (400, code, "prompt")
+
+
+@pytest.mark.parametrize(("key", "value"), [("echo", True), ("suffix", "end"), ("best_of", 2), ("logprobs", 0)])
+def test_completion_fields_that_would_change_the_answer_are_refused(key, value):
+    error = error_of({"model": "tiny", "prompt": "w5", key: value}, chat=False)
+    assert (error.status, error.code, error.param) == (400, "unsupported_parameter", key)
+
+
+def test_default_values_of_unsupported_fields_are_accepted():
+    parse({"model": "tiny", "messages": USER, "logprobs": False, "presence_penalty": 0, "frequency_penalty": 0.0,
+           "stream": False, "stream_options": None, "user": "u1"})  # fmt: skip
+    parse({"model": "tiny", "prompt": "w5", "echo": False, "best_of": 1, "logprobs": None}, chat=False)
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from smolexport_runtime import BatchEngine, Model, SamplingConfig
+from smolexport_runtime import BatchEngine, Model, SamplingConfig, SmolexportRuntimeError
+from smolexport_runtime.generate import GenerationStats
 from smolexport_runtime.kv_cache import GrowingCache, KVCache, as_kv_cache
 from smolexport_runtime.kv_state import CacheState
 from smolexport_runtime.sampling import greedy
@@ -60,6 +61,84 @@ def test_run_sequence_reuses_a_kept_cache_and_stops_at_eos(tokenizer):
     assert sequence.stats.finish_reason == "stop"
     assert state.tokens == [*prompt, *ids("yes")]  # the eos that ended it was never fed
     assert decoder.calls == [(0, 2), (2, 1), (3, 1), (4, 1)]
+
+
+class RecordingDrafter:
+    """Proposes `draft` (within the room) and records what it was asked."""
+
+    def __init__(self, draft: list[int]) -> None:
+        self.draft, self.asked = draft, []
+
+    def propose(self, context, limit):
+        self.asked.append((list(context), limit))
+        return self.draft[:limit]
+
+
+def test_speculation_hands_out_each_token_before_drafting_and_never_drafts_after_the_end(tokenizer):
+    """The review: the loop drafted and verified before accepting its sampled token, so the first piece waited
+    for a draft and the token that ended the answer still paid a verification step."""
+    prompt = ids("Q:")
+    decoder = scripted_decoder(len(prompt), [*ids("ab"), IM_END])
+    drafter = RecordingDrafter(ids("b") + [IM_END])  # the right continuation after "a": kept whole
+    sequence = state_for(tokenizer)
+    pieces = run_sequence(CacheState(decoder), sequence, prompt, drafter=drafter)
+    assert next(pieces) == "a" and drafter.asked == []  # "a" out before any drafting
+    assert "".join(pieces) == "b"
+    assert drafter.asked == [([*prompt, *ids("a")], 9)]  # once: the draft's eos ended it, no second draft
+    stats = sequence.stats
+    assert (stats.finish_reason, stats.completion_tokens, stats.draft_tokens, stats.accepted_tokens) == (
+        "stop", 3, 2, 2)  # fmt: skip
+    assert decoder.calls == [(0, 2), (2, 3)]  # the prompt, then "a" with the draft in one verify step
+
+
+def test_an_answer_that_ends_at_its_first_token_drafts_nothing(tokenizer):
+    prompt = ids("Q:")
+    decoder = scripted_decoder(len(prompt), [IM_END])
+    drafter = RecordingDrafter(ids("zz"))
+    sequence = state_for(tokenizer)
+    assert "".join(run_sequence(CacheState(decoder), sequence, prompt, drafter=drafter)) == ""
+    assert drafter.asked == [] and decoder.calls == [(0, 2)]
+    assert (sequence.stats.draft_tokens, sequence.stats.accepted_tokens) == (0, 0)
+
+
+def test_stats_passed_in_are_reset_for_each_generation(tokenizer):
+    """The review: a GenerationStats object reused for a second generation kept its finish_reason, which
+    ended the second one after a token."""
+    model = Model(random_decoder(3), tokenizer, context_length=256, eos_token_ids={ENDOFTEXT, IM_END})
+    stats = GenerationStats()
+    for _ in range(2):
+        sequence = SequenceState.create(greedy, tokenizer, 3, 6, (), (), stats)
+        text = "".join(run_sequence(CacheState(model.decoder), sequence, ids("abc")))
+        assert text and (stats.completion_tokens, stats.finish_reason) == (6, "length")
+
+
+def test_one_requests_failing_step_fails_only_that_request(tokenizer):
+    """The review: an exception while sampling one slot's token (a grammar refusing its own forced tokens)
+    went to the engine's catch-all and failed every running request."""
+    model = Model(random_decoder(3), tokenizer, context_length=256, eos_token_ids={ENDOFTEXT, IM_END})
+    engine = BatchEngine(model, max_batch=2)  # started once the bad request has its sampler
+    try:
+        good = engine.submit(ids("The sea"), SamplingConfig(), 20)
+        bad = engine.submit(ids("Once"), SamplingConfig(), 20)
+        calls = 0
+
+        def failing_sampler(logits):
+            nonlocal calls
+            calls += 1
+            if calls == 3:
+                raise RuntimeError("the grammar refused its own forced tokens")
+            return greedy(logits)
+
+        bad.sequence.sampler = failing_sampler
+        engine.start()
+        with pytest.raises(SmolexportRuntimeError, match="refused its own forced tokens"):
+            "".join(bad.pieces())
+        text = "".join(good.pieces())
+    finally:
+        engine.stop()
+    assert (good.stats.finish_reason, good.stats.completion_tokens) == ("length", 20)
+    alone = model.generate("The sea", chat=False, max_new_tokens=20)
+    assert text == alone
 
 
 @pytest.mark.parametrize("max_new_tokens", [1, 5, 40])

@@ -347,10 +347,8 @@ class BatchEngine:
         rows = slot.state.verify([*slot.feed, *draft])
         accepted = accepted_length(rows, draft)
         slot.state.truncate(slot.state.length - (len(draft) - accepted))
-        sequence.stats.draft_tokens += len(draft)
-        sequence.stats.accepted_tokens += accepted
         slot.feed = []
-        if piece := sequence.accept(draft[:accepted]):
+        if piece := sequence.accept_draft(len(draft), draft[:accepted]):
             slot.request._put(piece)
         if sequence.finished:
             self._finish(slot)
@@ -362,8 +360,17 @@ class BatchEngine:
         """Samples the slot's next token (and any its grammar forces after it), hands their text to the
         client, and queues them to be fed at the next steps."""
         request = slot.request
-        step = request.sequence.next_tokens(logits)
-        if piece := request.sequence.accept(step):
+        try:
+            step = request.sequence.next_tokens(logits)
+            piece = request.sequence.accept(step)
+        except Exception as exc:  # e.g. a grammar that refuses its own forced tokens: this request only
+            error = (
+                exc
+                if isinstance(exc, SmolexportRuntimeError)
+                else SmolexportRuntimeError(f"generation failed: {exc}")
+            )
+            return self._finish(slot, error=error)
+        if piece:
             request._put(piece)
         if request.sequence.finished:
             return self._finish(slot)

@@ -1,5 +1,5 @@
-"""The generation loop as small functions over a decoder (gpt-fast style): prefill, decode_one_token, and a
-token loop, with text streaming and stop handling layered on top.
+"""The generation loop as small functions over a decoder (gpt-fast style): prefill, decode_one_token and a
+bare token loop (`generate_tokens`).
 
 A decoder is anything with `empty_cache(batch, capacity=None)` and `forward(input_ids, attention_mask,
 position_ids, past)` (see session.OnnxDecoder), so the loop is testable with a stub. `capacity` (prompt +
@@ -52,7 +52,7 @@ class GenerationStats:
     ttft_s: float = 0.0  # prefill + first sample: time until the first token id exists
     decode_tok_s: float = 0.0  # tokens per second after the first
     total_s: float = 0.0
-    draft_tokens: int = 0  # prompt lookup: tokens proposed from the context, and those greedy kept
+    draft_tokens: int = 0  # speculation: tokens drafted (prompt lookup or a draft model), and those kept
     accepted_tokens: int = 0
 
 

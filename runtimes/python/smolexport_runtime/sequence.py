@@ -51,7 +51,10 @@ class SequenceState:
         stats: GenerationStats | None = None,
     ) -> SequenceState:
         """Built where the request is made, so that a bad stop string fails the caller."""
-        stats = stats if stats is not None else GenerationStats()
+        if stats is None:
+            stats = GenerationStats()
+        else:  # a caller's object, maybe filled by an earlier run: its finish_reason would end this one
+            stats.__init__()
         stats.prompt_tokens = prompt_tokens
         detokenizer = StreamingDetokenizer(tokenizer, stop)
         return cls(sampler, detokenizer, frozenset(eos_token_ids), max_new_tokens, stats)
@@ -109,6 +112,15 @@ class SequenceState:
             pieces.append(self.detokenizer.finish())
         return "".join(pieces)
 
+    def accept_draft(self, drafted: int, kept: Sequence[int]) -> str:
+        """`accept` for the draft tokens a verification kept (`drafted` were proposed). Accepted counts only
+        those the sequence took: eos, a stop string or the budget can end it inside the draft."""
+        before = self.stats.completion_tokens
+        text = self.accept(kept)
+        self.stats.draft_tokens += drafted
+        self.stats.accepted_tokens += self.stats.completion_tokens - before
+        return text
+
     def end(self, reason: FinishReason) -> str:
         """Ends the sequence for a reason outside its tokens (no room left: "length"); returns the text
         held back."""
@@ -145,22 +157,22 @@ def run_sequence(
         drafter = drafter if sequence.drafts_allowed else None
         while True:
             step = sequence.next_tokens(logits)
-            room = sequence.remaining - len(step)
-            draft = drafter.propose(state.tokens + step, room) if drafter is not None else []
-            if draft:
-                rows = state.verify([*step, *draft])
-                accepted = accepted_length(rows, draft)
-                state.truncate(state.length - (len(draft) - accepted))
-                sequence.stats.draft_tokens += len(draft)
-                sequence.stats.accepted_tokens += accepted
-                step += draft[:accepted]
-                logits = rows[accepted]
+            # The step's text goes out before any drafting, and a step that ends the sequence drafts nothing.
             if piece := sequence.accept(step):
                 yield piece
             if sequence.finished:
                 return
-            if not draft:  # a verified draft already ran: its last row is the next token's logits
-                # Forced tokens run as one multi-token step.
+            draft = drafter.propose(state.tokens + step, sequence.remaining) if drafter is not None else []
+            if draft:
+                rows = state.verify([*step, *draft])
+                accepted = accepted_length(rows, draft)
+                state.truncate(state.length - (len(draft) - accepted))
+                if piece := sequence.accept_draft(len(draft), draft[:accepted]):
+                    yield piece
+                if sequence.finished:
+                    return
+                logits = rows[accepted]  # the verified step's last kept row: the next token's logits
+            else:  # forced tokens run as one multi-token step
                 logits = state.decode(step[0]) if len(step) == 1 else state.extend(step)
     finally:
         sequence.close()
