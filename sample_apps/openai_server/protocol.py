@@ -20,14 +20,18 @@ from smolexport_runtime.tools import Tool
 
 MAX_STOP_STRINGS = 16
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
-# Request fields this server does not implement, refused with a 400 instead of being silently ignored (a client
-# that relies on them would otherwise get free text and no signal).
-UNSUPPORTED = ("functions", "function_call", "logit_bias")
-# Fields whose other values change the answer in ways this server does not implement: allowed only at their
-# default, refused otherwise (never ignored).
-UNSUPPORTED_UNLESS_DEFAULT = {"logprobs": False, "top_logprobs": 0, "presence_penalty": 0, "frequency_penalty": 0}
-UNSUPPORTED_COMPLETIONS_UNLESS_DEFAULT = {
-    "logprobs": None, "echo": False, "suffix": "", "best_of": 1, "presence_penalty": 0, "frequency_penalty": 0,
+# Request fields this server does not implement, each with the values that ask for nothing (their defaults).
+# Any other value is refused with a 400 instead of being silently ignored: a client that relies on it would
+# otherwise get an answer without it and no signal.
+_LEGACY = (None, [], {}, "none")
+UNSUPPORTED_CHAT = {
+    "functions": _LEGACY, "function_call": _LEGACY, "logit_bias": _LEGACY, "logprobs": (None, False),
+    "top_logprobs": (None, 0), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
+}  # fmt: skip
+UNSUPPORTED_COMPLETIONS = {
+    "functions": _LEGACY, "function_call": _LEGACY, "logit_bias": _LEGACY, "logprobs": (None,),
+    "echo": (None, False), "suffix": (None, ""), "best_of": (None, 1), "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0),
 }  # fmt: skip
 SSE_DONE = b"data: [DONE]\n\n"
 
@@ -123,15 +127,9 @@ def parse_request(
         )
     if body.get("n") not in (None, 1):
         raise invalid("n", "only n=1 is supported")
-    for key in UNSUPPORTED:
-        if body.get(key) not in (None, [], {}, "none"):
+    for key, allowed in (UNSUPPORTED_CHAT if chat else UNSUPPORTED_COMPLETIONS).items():
+        if body.get(key) not in allowed:
             raise ApiError(400, f"{key} is not supported by this server", param=key, code="unsupported_parameter")
-    for key, default in (UNSUPPORTED_UNLESS_DEFAULT if chat else UNSUPPORTED_COMPLETIONS_UNLESS_DEFAULT).items():
-        if body.get(key) not in (None, default):
-            raise ApiError(
-                400, f"{key} is not supported by this server (only {default!r})", param=key,
-                code="unsupported_parameter",
-            )  # fmt: skip
     prompt = _messages(body) if chat else _completion_prompt(body)
     tools, tool_choice, parallel = _tools(body) if chat else (None, None, True)
     response_format = _response_format(body)

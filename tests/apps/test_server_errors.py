@@ -611,10 +611,15 @@ def test_idle_connections_take_no_threads_and_are_closed(quick_server):
             sock.close()
 
 
-def test_past_max_connections_requests_get_503(tiny_model):
-    srv = make_server(port=0, model=tiny_model, model_name="tiny", max_connections=8)
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
+@pytest.fixture
+def bounded_server(tiny_model, request):
+    """A server with `max_connections` from the test's parametrization."""
+    yield from serving(make_server(port=0, model=tiny_model, model_name="tiny", max_connections=request.param))
+
+
+@pytest.mark.parametrize("bounded_server", [8], indirect=True)
+def test_past_max_connections_requests_get_503(bounded_server):
+    srv = bounded_server
     idle = [socket.create_connection(srv.server_address[:2], timeout=30) for _ in range(8)]
     try:
         wait_until(lambda: len(srv._server.server_state.connections) == 8, what="the connections to be accepted")
@@ -628,17 +633,13 @@ def test_past_max_connections_requests_get_503(tiny_model):
     finally:
         for sock in idle:
             sock.close()
-        srv.shutdown()
-        srv.server_close()
-        thread.join(5)
 
 
-def test_idle_connections_past_twice_the_bound_are_closed_at_once(tiny_model):
+@pytest.mark.parametrize("bounded_server", [4], indirect=True)
+def test_idle_connections_past_twice_the_bound_are_closed_at_once(bounded_server):
     """The review: the bound applied only once a request head was complete, so idle sockets could pile up
     until the process ran out of file descriptors."""
-    srv = make_server(port=0, model=tiny_model, model_name="tiny", max_connections=4)
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
+    srv = bounded_server
     idle = []
     try:
         for _ in range(8):  # twice the bound: kept open, waiting for their heads
@@ -652,9 +653,6 @@ def test_idle_connections_past_twice_the_bound_are_closed_at_once(tiny_model):
     finally:
         for sock in idle:
             sock.close()
-        srv.shutdown()
-        srv.server_close()
-        thread.join(5)
 
 
 def test_a_body_cut_short_gets_400(server):
