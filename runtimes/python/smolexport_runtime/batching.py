@@ -35,9 +35,9 @@ from .errors import RequestError, SmolexportRuntimeError
 from .generate import GenerationStats, fit_to_context, prefill_chunks
 from .kv_state import CacheState, common_prefix
 from .sampling import SamplingConfig
-from .sequence import SequenceState
+from .sequence import SequenceState, verify_draft
 from .session import KVBuffers
-from .speculation import Drafter, DraftModel, PromptLookup, accepted_length, check_speculation
+from .speculation import Drafter, DraftModel, PromptLookup, check_speculation
 
 _DONE = object()  # the end of a request's pieces
 DEFAULT_CONTEXT = 2048  # tokens per slot unless asked otherwise (at most the model's context length)
@@ -295,18 +295,14 @@ class BatchEngine:
         if not decoding:
             return
         self.steps += 1
-        if len(decoding) == 1:
-            # Alone, a row runs all it has to feed (forced tokens, or a draft to check) as one step: the step
-            # reads the weights once either way.
-            slot = decoding[0]
-            if not self._speculate(slot):
-                feed, slot.feed = slot.feed, []
-                self._emit(slot, slot.state.decode(feed[0]) if len(feed) == 1 else slot.state.extend(feed))
+        if len(decoding) == 1 and self._speculate(decoding[0]):
             return
-        if not self.batched:
+        if len(decoding) == 1 or not self.batched:
+            # Alone, a row runs all it has to feed (its forced tokens) as one step: the step reads the weights
+            # once either way.
             for slot in decoding:
                 feed, slot.feed = slot.feed, []
-                self._emit(slot, slot.state.decode(feed[0]) if len(feed) == 1 else slot.state.extend(feed))
+                self._emit(slot, slot.state.feed(feed))
             return
         # Together, every row feeds one token a step: forced tokens ride along in steps the batch runs anyway.
         # A multi-token step of its own for each row with forced tokens was no faster (8 constrained clients
@@ -335,7 +331,8 @@ class BatchEngine:
 
     def _speculate(self, slot: Slot) -> bool:
         """Feeds the slot's token with a draft after it in one step and keeps the draft up to its first token
-        greedy would not have chosen (as run_sequence does). False when there is nothing to check."""
+        greedy would not have chosen (verify_draft, as run_sequence does). False when there is nothing to
+        check."""
         sequence = slot.request.sequence
         if self._new_drafter is None or not sequence.drafts_allowed or len(slot.feed) != 1:
             return False
@@ -344,16 +341,14 @@ class BatchEngine:
         draft = slot.drafter.propose([*slot.state.tokens, *slot.feed], sequence.remaining)
         if not draft:
             return False
-        rows = slot.state.verify([*slot.feed, *draft])
-        accepted = accepted_length(rows, draft)
-        slot.state.truncate(slot.state.length - (len(draft) - accepted))
+        piece, logits = verify_draft(slot.state, sequence, slot.feed, draft)
         slot.feed = []
-        if piece := sequence.accept_draft(len(draft), draft[:accepted]):
+        if piece:
             slot.request._put(piece)
         if sequence.finished:
             self._finish(slot)
         else:
-            self._emit(slot, rows[accepted])
+            self._emit(slot, logits)
         return True
 
     def _emit(self, slot: Slot, logits: np.ndarray) -> None:

@@ -159,3 +159,8 @@ class CacheState:
         logits, self.cache, _ = decode_one_token(self.decoder, token, self.cache, self.length)
         self.tokens.append(token)
         return logits
+
+    def feed(self, tokens: Sequence[int]) -> np.ndarray:
+        """Feeds generated tokens: one decode step for one token, one multi-token step for several (a sampled
+        token and those its grammar forces after it). Returns the last one's logits."""
+        return self.decode(tokens[0]) if len(tokens) == 1 else self.extend(tokens)

@@ -164,18 +164,27 @@ def run_sequence(
                 return
             draft = drafter.propose(state.tokens + step, sequence.remaining) if drafter is not None else []
             if draft:
-                rows = state.verify([*step, *draft])
-                accepted = accepted_length(rows, draft)
-                state.truncate(state.length - (len(draft) - accepted))
-                if piece := sequence.accept_draft(len(draft), draft[:accepted]):
+                piece, logits = verify_draft(state, sequence, step, draft)
+                if piece:
                     yield piece
                 if sequence.finished:
                     return
-                logits = rows[accepted]  # the verified step's last kept row: the next token's logits
             else:  # forced tokens run as one multi-token step
-                logits = state.decode(step[0]) if len(step) == 1 else state.extend(step)
+                logits = state.feed(step)
     finally:
         sequence.close()
+
+
+def verify_draft(
+    state: CacheState, sequence: SequenceState, step: Sequence[int], draft: Sequence[int]
+) -> tuple[str, np.ndarray]:
+    """Feeds `step` (already accepted) and `draft` as one step, keeps the draft up to its first token greedy
+    would not have chosen, and records the kept ones in `sequence`. Returns their text and the logits after
+    the last kept token (the verified step's row for it: the next token's logits)."""
+    rows = state.verify([*step, *draft])
+    accepted = accepted_length(rows, draft)
+    state.truncate(state.length - (len(draft) - accepted))
+    return sequence.accept_draft(len(draft), draft[:accepted]), rows[accepted]
 
 
 def stream_generate(

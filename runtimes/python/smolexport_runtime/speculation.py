@@ -55,8 +55,8 @@ class DraftModel:
 
     def propose(self, context: Sequence[int], limit: int) -> list[int]:
         size = min(self.size, limit)
-        limit = self.model.context_length
-        if size <= 0 or (limit is not None and len(context) + size > limit):
+        room = self.model.context_length
+        if size <= 0 or (room is not None and len(context) + size > room):
             return []
         state = self.state
         # Keeps the longest common prefix with the context: rejected draft tokens drop out here. Its keys and
