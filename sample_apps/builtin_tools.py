@@ -199,13 +199,12 @@ def stream_with_tools(
     text = ""
     try:
         for piece in first:
-            block = (text + piece).startswith("<")
             text += piece
-            if not block and piece:
+            if piece and not text.startswith("<"):
                 yield ToolEvent("text", piece)
     finally:
         first.close()  # type: ignore[attr-defined]
-    calls = tool_calling.parse_calls(text, parsed) if text.startswith("<") else None
+    calls = tool_calling.parse_calls(text, parsed)  # None for a text answer
     if calls is None:
         return  # a text answer, already streamed
     if calls:

@@ -117,10 +117,6 @@ def serve_command(
     context, timeout, max_connections, prompt_lookup, draft_model, draft_tokens, provider, threads, quiet,
 ):  # fmt: skip
     """Serve an export with an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models)."""
-    if api_key is not None and (not api_key.strip() or api_key != api_key.strip()):
-        # An empty key would turn authentication off unnoticed; one padded with spaces (a .env file) never
-        # matches, since clients' keys are compared stripped.
-        raise click.UsageError("--api-key / SMOLEXPORT_API_KEY is empty or starts or ends with whitespace")
     try:
         server_module = sample_app("openai_server")
     except ModuleNotFoundError as exc:
@@ -129,6 +125,10 @@ def serve_command(
         raise SmolexportError(
             f"the server needs starlette and uvicorn ({exc.name} is missing): pip install 'smolexport[apps]'"
         ) from None
+    try:
+        server_module.check_api_key(api_key)  # before loading the model; the app checks it again
+    except ValueError:
+        raise click.UsageError("--api-key / SMOLEXPORT_API_KEY is empty or starts or ends with whitespace") from None
     model = _load_model(export_dir, provider, threads)
     drafter = _load_model(draft_model, provider, threads) if draft_model is not None else None
     try:

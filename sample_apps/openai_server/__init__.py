@@ -3,13 +3,14 @@
 from .protocol import ApiError, GenerationRequest, parse_request
 from .server import OpenAIServer, make_server, serve
 from .service import ModelService
-from .transport import create_app
+from .transport import check_api_key, create_app
 
 __all__ = [
     "ApiError",
     "GenerationRequest",
     "ModelService",
     "OpenAIServer",
+    "check_api_key",
     "create_app",
     "make_server",
     "parse_request",

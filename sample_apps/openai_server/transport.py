@@ -55,11 +55,20 @@ class ConnectionInfo:
     abort: Callable[[], None] | None = None  # drops the connection at once, unsent bytes and all
 
 
+def check_api_key(api_key: str | None) -> None:
+    """Refuses a key that would turn authentication off unnoticed (empty) or could never match (padded with
+    whitespace, as from a .env file: clients' keys are compared stripped). None: no authentication."""
+    if api_key is not None and (not api_key.strip() or api_key != api_key.strip()):
+        raise ValueError("the API key is empty or starts or ends with whitespace")
+
+
 def create_app(
     service: ModelService, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES, timeout: float = 60.0
 ) -> OpenAIApp:
-    """The ASGI app. `timeout`: seconds a request may take to arrive (head and body; 408 past it)."""
-    key = api_key.encode("utf-8") if api_key else None
+    """The ASGI app. `timeout`: seconds a request may take to arrive (head and body; 408 past it). `api_key`:
+    required of every request but /health (see check_api_key)."""
+    check_api_key(api_key)
+    key = api_key.encode("utf-8") if api_key is not None else None
 
     def authorize(request: Request) -> None:
         # The raw header bytes: a client sends a non-ASCII key as UTF-8, compared as such in constant time.
@@ -352,8 +361,7 @@ class GenerationResponse:
                 logger.error("generation failed: %r", item)
                 if probing:
                     return  # mid-body: uvicorn closes the connection
-                error = ApiError(500, "internal server error while generating", type="server_error")
-                await _send_json(send, 500, error.body())
+                await _send_json(send, 500, self.builder.error())
                 return
             if item is not _TICK:
                 pieces.append(item)  # type: ignore[arg-type]

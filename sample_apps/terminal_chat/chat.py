@@ -25,30 +25,9 @@ from typing import Any, TextIO
 from smolexport_runtime import Model, SmolexportRuntimeError
 
 from ..builtin_tools import render, stream_with_tools
+from ..chat_history import fit_history
 
 HELP = "commands: /reset new conversation, /system TEXT set the system prompt, /exit quit; Ctrl-C stops an answer"
-
-
-def fit_history(
-    model: Model,
-    messages: list[dict[str, Any]],
-    reserve: int,
-    render: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] | None = None,
-) -> list[dict[str, Any]]:
-    """Drops the oldest turns (never the system prompt or the newest message) until the prompt leaves
-    `reserve` tokens of the context free for the answer. `render`: the messages as the model sees them, to
-    count (e.g. with the tools' system prompt)."""
-    if model.context_length is None:
-        return messages
-    system = [m for m in messages[:1] if m["role"] == "system"]
-    turns = messages[len(system) :]
-    limit = model.context_length - reserve
-    while len(turns) > 1 and len(model.encode((render or list)(system + turns), chat=True)) > limit:
-        # A user message and what answered it (with tools: the calls, their results and the answer).
-        turns = turns[1:]
-        while len(turns) > 1 and turns[0]["role"] != "user":
-            turns = turns[1:]
-    return system + turns
 
 
 def chat(

@@ -181,6 +181,16 @@ def test_serve_refuses_an_api_key_that_could_never_match_or_is_empty(tiny_export
     assert result.returncode == 2 and "--api-key" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("key", ["", "  ", " secret", "secret\n"])
+def test_the_app_itself_refuses_an_api_key_that_could_never_match_or_is_empty(key):
+    """The same rule where the key is used, for library callers and `python -m sample_apps.openai_server`."""
+    from sample_apps.openai_server import create_app
+
+    create_app(service=None, api_key="secret")  # a good key builds the app (the service is used per request)
+    with pytest.raises(ValueError, match="API key is empty or starts or ends with whitespace"):
+        create_app(service=None, api_key=key)
+
+
 def test_apps_do_not_import_torch():
     modules = ["sample_apps.openai_server.server", "sample_apps.terminal_chat.chat", "smolexport.apps_cli",
                "sample_apps.builtin_tools", "sample_apps.extract.extract"]  # fmt: skip
