@@ -14,17 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
+import sys
 from pathlib import Path
 
 from smolexport_runtime import load
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fidelity import cpu_model  # noqa: E402
+
 PROMPTS = json.loads((Path(__file__).resolve().parent / "dev" / "prompts.json").read_text())
-
-
-def cpu_model() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
 
 
 def main() -> None:

@@ -15,11 +15,12 @@ the graph's own names, and a manifest whose file sizes and hashes are those of t
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import time
 from pathlib import Path
+
+from smolexport_runtime.manifest import sha256_file
 
 
 def main() -> None:
@@ -51,7 +52,7 @@ def main() -> None:
     for name in (graph, data_name):
         path = args.out / name
         files[name] = {**files[name], "bytes": path.stat().st_size,
-                       "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}  # fmt: skip
+                       "sha256": sha256_file(path)}  # fmt: skip
     (args.out / "smolexport.json").write_text(json.dumps(manifest, indent=2) + "\n")
     sizes = {name: round(files[name]["bytes"] / 1e6, 1) for name in (graph, data_name)}
     print(json.dumps({"out": str(args.out), "seconds": round(seconds, 1), "mb": sizes}))

@@ -16,6 +16,8 @@ import numpy as np
 from smolexport_runtime import load
 from smolexport_runtime.generate import decode_one_token, prefill
 
+from smolexport.validate.metrics import log_softmax
+
 # Not a text any test or calibration uses.
 TEXT = (
     "The history of the city of Oslo begins in the eleventh century, when King Harald Hardrada founded a "
@@ -58,11 +60,6 @@ def batch_rows(model, ids: list[int]) -> np.ndarray:
         rows.append(logits[0, -1])
         length += 1
     return np.stack(rows)
-
-
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
 def distance(reference: np.ndarray, other: np.ndarray) -> dict:

@@ -28,6 +28,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fidelity import cpu_model  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 KS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 16)  # 5, 7, 9: the verify steps of draft lengths 4, 6, 8
 
@@ -94,13 +97,6 @@ def child(export: Path, args) -> dict:
                           "--rounds", str(args.rounds), "--threads", str(args.threads)],
                          capture_output=True, text=True, check=True)  # fmt: skip
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def cpu_model() -> str:
-    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-        if line.startswith("Model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def main() -> None:

@@ -299,21 +299,22 @@ def cmd_speed(backend: str, model: str, workload_file: str, out: str) -> None:
     print(json.dumps(result))
 
 
+def decode_burst(runner, chat_ids: list[int], tokens: int) -> float:
+    """Prefills the chat prompt, then decodes `tokens` greedily: the decode tokens/s."""
+    token = runner.prefill(chat_ids)
+    start = time.perf_counter()
+    for _ in range(tokens):
+        token = runner.step(token)
+    return tokens / (time.perf_counter() - start)
+
+
 def cmd_decode(backend: str, model: str, workload_file: str, out: str) -> None:
     """Decode speed alone: a warm-up burst, then `bursts` bursts that each prefill the chat prompt and decode
     `decode_tokens` greedily (tokens/s of each); benchmarks/decode_ab.py runs this once per model and round."""
     w = json.loads(Path(workload_file).read_text())
     runner = BACKENDS[backend](model, context=w["context"])
-
-    def burst(tokens: int) -> float:
-        token = runner.prefill(w["chat_ids"])
-        start = time.perf_counter()
-        for _ in range(tokens):
-            token = runner.step(token)
-        return tokens / (time.perf_counter() - start)
-
-    burst(8)
-    speeds = [burst(w["decode_tokens"]) for _ in range(w["bursts"])]
+    decode_burst(runner, w["chat_ids"], 8)
+    speeds = [decode_burst(runner, w["chat_ids"], w["decode_tokens"]) for _ in range(w["bursts"])]
     Path(out).write_text(json.dumps({"decode_tok_s": speeds, "peak_rss_mb": peak_rss_mb()}) + "\n")
 
 
@@ -326,20 +327,12 @@ def cmd_interleaved(workload_file: str, out: str, *models: str) -> None:
     for spec in models:
         backend, path = spec.split("=", 1)
         runners[spec] = BACKENDS[backend](path, context=w["context"])
-
-    def burst(runner) -> float:
-        token = runner.prefill(w["chat_ids"])
-        start = time.perf_counter()
-        for _ in range(w["decode_tokens"]):
-            token = runner.step(token)
-        return w["decode_tokens"] / (time.perf_counter() - start)
-
     for runner in runners.values():  # warm-up
-        burst(runner)
+        decode_burst(runner, w["chat_ids"], w["decode_tokens"])
     rounds = {spec: [] for spec in runners}
     for _ in range(w["rounds"]):
         for spec, runner in runners.items():
-            rounds[spec].append(burst(runner))
+            rounds[spec].append(decode_burst(runner, w["chat_ids"], w["decode_tokens"]))
     Path(out).write_text(json.dumps({"threads": THREADS, "rounds": rounds}, indent=1) + "\n")
 
 

@@ -117,7 +117,8 @@ class OnnxExportOptions:
         ffn_block_size = self.resolved("ffn_block_size", block_size)
         for flag, size in (("block size", block_size), ("FFN block size", ffn_block_size)):
             if size not in BLOCK_SIZES:
-                raise UsageError(f"{flag} must be 16, 32, 64, 128 or 256, got {size}")
+                sizes = ", ".join(map(str, BLOCK_SIZES[:-1])) + f" or {BLOCK_SIZES[-1]}"
+                raise UsageError(f"{flag} must be {sizes}, got {size}")
         if scales not in SCALE_FORMATS:
             raise UsageError(f"unknown scale format {scales!r}: choose one of {', '.join(SCALE_FORMATS)}")
         if self.kv_cache not in (None, "fp16", "fp32", "int8"):

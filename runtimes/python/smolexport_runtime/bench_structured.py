@@ -31,10 +31,9 @@ import numpy as np
 
 from .constraints import ConstrainedSampler, parse_response_format
 from .generate import GenerationStats
-from .kv_state import CacheState
 from .model import Model, load
 from .sampling import Sampler, SamplingConfig, greedy
-from .sequence import SequenceState, run_sequence
+from .sequence import stream_generate
 
 SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -95,10 +94,12 @@ class TimedMasks(ConstrainedSampler):
 
 def answer(model: Model, prompt: str, sampler: Sampler, max_new_tokens: int) -> tuple[str, GenerationStats]:
     """One greedy answer on a fresh cache, through the runtime's own token loop."""
-    ids = model.encode(prompt)
-    sequence = SequenceState.create(sampler, model.tokenizer, len(ids), max_new_tokens, model.eos_token_ids)
-    text = "".join(run_sequence(CacheState(model.decoder, limit=model.context_length), sequence, ids))
-    return text, sequence.stats
+    stats = GenerationStats()
+    pieces = stream_generate(
+        model.decoder, model.tokenizer, model.encode(prompt), sampler, max_new_tokens=max_new_tokens,
+        eos_token_ids=model.eos_token_ids, context_length=model.context_length, stats=stats,
+    )  # fmt: skip
+    return "".join(pieces), stats
 
 
 def run(model: Model, runs: int = 3, schema: Any = None, prompt: str = PROMPT) -> dict[str, Any]:
